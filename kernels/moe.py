@@ -1,0 +1,68 @@
+"""Routed experts and their combine. Shape suffixes: T tokens, K top-k slots, E experts, H hidden, I expert
+intermediate. Weights are stored as transformers stores them: gate_up_E2IH = [E, 2I, H] (gate rows first),
+down_EHI = [E, H, I]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gate_up_silu(x_TH: torch.Tensor, gate_up_2IH: torch.Tensor, fuse: bool) -> torch.Tensor:
+    """silu(x·Wgᵀ) · (x·Wuᵀ), every op in the model dtype. fuse: one GEMM over the concatenated [2I, H] weight
+    (whether the split changes bits depends on the GEMM library's tiling for the two output widths)."""
+    inter = gate_up_2IH.shape[0] // 2
+    if fuse:
+        gate, up = F.linear(x_TH, gate_up_2IH).chunk(2, dim=-1)
+    else:
+        gate, up = F.linear(x_TH, gate_up_2IH[:inter]), F.linear(x_TH, gate_up_2IH[inter:])
+    return F.silu(gate) * up
+
+
+def experts_ref(
+    x_TH: torch.Tensor, ids_TK: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, fuse_gate_up: bool
+) -> torch.Tensor:
+    """Unweighted expert outputs y_TKH (model dtype): each (token, slot) pair through its expert's MLP.
+    Rows are grouped per expert in ascending id; each row's result does not depend on the grouping as long as
+    the GEMM is row-invariant (true for bf16 on CPU; the batch-invariant GEMM issue covers the GPU)."""
+    T, K = ids_TK.shape
+    y_SH = x_TH.new_empty(T * K, x_TH.shape[-1])
+    flat_ids_S = ids_TK.reshape(-1)
+    for e in torch.unique(flat_ids_S).tolist():
+        rows_S = (flat_ids_S == e).nonzero().squeeze(-1)
+        h_SI = gate_up_silu(x_TH[rows_S // K], gate_up_E2IH[e], fuse_gate_up)
+        y_SH[rows_S] = F.linear(h_SI, down_EHI[e])
+    return y_SH.view(T, K, -1)
+
+
+def combine_ref(y_TKH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, combine: str, order: str) -> torch.Tensor:
+    """Weighted sum over the K slots, returned in the model dtype (the dtype of y; "bf16" below).
+
+    combine:
+      index_add_bf16  each product y·w is formed in the promoted dtype (bf16·bf16 rounds, bf16·fp32 does not), then
+                      rounded to bf16 and added into a bf16 buffer: one rounding per add (transformers eager).
+      fp32_sum        the same products, summed in fp32, rounded once (transformers grouped_mm, fused kernels).
+      bf16_score      w cast to bf16 first, bf16 products, bf16 running sum (DeepEP combine).
+    In an fp32 model "bf16" is fp32, as in transformers (its buffer has the hidden dtype).
+    order: expert_id (ascending expert id per token), topk_slot (router slot order), tree (pairwise over slots).
+    """
+    out_dtype = y_TKH.dtype
+    if combine == "bf16_score":
+        w_TK = w_TK.to(out_dtype)
+    c_TKH = y_TKH * w_TK[..., None]
+    acc_dtype = torch.float32 if combine == "fp32_sum" else out_dtype
+    c_TKH = c_TKH.to(acc_dtype)
+    if order == "expert_id":
+        perm_TK = ids_TK.argsort(dim=1, stable=True)
+        c_TKH = c_TKH.gather(1, perm_TK[..., None].expand_as(c_TKH))
+    if order == "tree":
+        terms = [c_TKH[:, j] for j in range(c_TKH.shape[1])]
+        while len(terms) > 1:
+            paired = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+            terms = paired + ([terms[-1]] if len(terms) % 2 else [])
+        return terms[0].to(out_dtype)
+    # Start from a zero buffer, as index_add_ and torch's sum do (it decides the sign of an all-zero sum).
+    acc_TH = torch.zeros_like(c_TKH[:, 0])
+    for j in range(c_TKH.shape[1]):
+        acc_TH = acc_TH + c_TKH[:, j]
+    return acc_TH.to(out_dtype)

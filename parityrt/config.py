@@ -1,0 +1,83 @@
+"""Typed configuration schemas. Hydra composes `conf/` over these; runtime code only ever sees the dataclasses.
+
+Schemas are slotted, not frozen (Hydra cannot extend frozen schemas); treat them as read-only after launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from parityrt.numerics import NumericsPolicy
+
+
+@dataclass(slots=True, kw_only=True)
+class ModelConfig:
+    name: str = MISSING
+    # Hugging Face checkpoint directory (config.json + safetensors). None: generate the embedded model below.
+    path: str | None = None
+    # For generated models: the config.json to write and the seed that fills the weights.
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    # Tokenizer directory; None: the checkpoint directory if it holds tokenizer.json, else the shipped one.
+    tokenizer_path: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    # Where generated checkpoints are written (one directory per name, seed and config hash).
+    cache_dir: str = "~/.cache/parityrt"
+
+
+@dataclass(slots=True, kw_only=True)
+class ParallelConfig:
+    tp_size: int = 1
+
+
+@dataclass(slots=True, kw_only=True)
+class EngineConfig:
+    max_seq_len: int = 4096
+    # Dump full-vocabulary logits into the run directory (short runs only: parity tooling reads them).
+    dump_logits: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig = MISSING
+    numerics: NumericsPolicy = MISSING
+    parallel: ParallelConfig = MISSING
+    engine: EngineConfig = MISSING
+    server: ServerConfig = MISSING
+    input: str | None = None  # scripts/generate.py: JSONL of SGLang /generate requests
+    output: str | None = None  # scripts/generate.py: JSONL of SGLang /generate responses (default: run dir)
+    progress: bool = True
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_run", node=RunConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("numerics", NumericsPolicy),
+        ("parallel", ParallelConfig),
+        ("engine", EngineConfig),
+        ("server", ServerConfig),
+    ]:
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+register_schemas()
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    run = OmegaConf.to_object(cfg)
+    assert isinstance(run, RunConfig), type(run)
+    return run

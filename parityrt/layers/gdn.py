@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.gdn import causal_conv1d_ref, chunked_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+from parityrt.layers.cache import StateCache
+from parityrt.layers.linear import Linear, default_weight_loader, make_param
+from parityrt.layers.norm import GatedRMSNorm
+from parityrt.numerics import GdnAlgo, GdnNumerics
+
+
+class GatedDeltaNet(nn.Module):
+    """Qwen3.5 linear attention: projections, causal depthwise conv + SiLU (model dtype), the gated delta rule
+    (fp32), gated RMSNorm per value head, out_proj. The policy picks the delta-rule algorithm."""
+
+    numerics_op = "gdn"
+
+    def __init__(self, hidden: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, conv_kernel: int, eps: float, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.k_heads, self.v_heads, self.k_dim, self.v_dim, self.layer_idx = k_heads, v_heads, k_dim, v_dim, layer_idx
+        self.key_size, self.value_size = k_heads * k_dim, v_heads * v_dim
+        conv_dim = 2 * self.key_size + self.value_size
+        self.in_proj_qkv = Linear(hidden, conv_dim, dtype)
+        self.in_proj_z = Linear(hidden, self.value_size, dtype)
+        self.in_proj_b = Linear(hidden, v_heads, dtype)
+        self.in_proj_a = Linear(hidden, v_heads, dtype)
+        self.conv_weight = make_param(conv_dim, conv_kernel, dtype=dtype, loader=_conv_loader)
+        self.A_log = make_param(v_heads, dtype=dtype)
+        self.dt_bias = make_param(v_heads, dtype=dtype)
+        self.norm = GatedRMSNorm(v_dim, eps, dtype)
+        self.out_proj = Linear(self.value_size, hidden, dtype)
+        self.nx = GdnNumerics()
+
+    def forward(self, x_BSH: torch.Tensor, cache: StateCache | None) -> torch.Tensor:
+        B, S, _ = x_BSH.shape
+        conv_state = cache.conv.get(self.layer_idx) if cache is not None else None
+        qkv, new_conv_state = causal_conv1d_ref(self.in_proj_qkv(x_BSH).transpose(1, 2), self.conv_weight, conv_state)
+        q, k, v = torch.split(qkv.transpose(1, 2), [self.key_size, self.key_size, self.value_size], dim=-1)
+        q, k = q.reshape(B, S, self.k_heads, self.k_dim), k.reshape(B, S, self.k_heads, self.k_dim)
+        v = v.reshape(B, S, self.v_heads, self.v_dim)
+        beta = self.in_proj_b(x_BSH).sigmoid()
+        # decay in fp32: -exp(A_log)·softplus(a + dt_bias), <= 0 (fp16/bf16 exp would overflow or lose it)
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BSH).float() + self.dt_bias)
+        state = cache.recurrent.get(self.layer_idx) if cache is not None else None
+        if self.nx.algo == GdnAlgo.recurrent or S == 1:
+            o, new_state = recurrent_gated_delta_rule_ref(q, k, v, g, beta, state)
+        else:
+            o, new_state = chunked_gated_delta_rule_ref(q, k, v, g, beta, state, self.nx.chunk_size)
+        if cache is not None:
+            cache.conv[self.layer_idx], cache.recurrent[self.layer_idx] = new_conv_state, new_state
+        z = self.in_proj_z(x_BSH).reshape(-1, self.v_dim)
+        o = self.norm(o.reshape(-1, self.v_dim), z).reshape(B, S, -1)
+        return self.out_proj(o)
+
+
+def _conv_loader(param: nn.Parameter, loaded: torch.Tensor, shard: None = None) -> None:
+    # checkpoints store the depthwise conv as nn.Conv1d does: [C, 1, K]
+    if loaded.dim() == 3 and loaded.shape[1] == 1:
+        loaded = loaded.squeeze(1)
+    default_weight_loader(param, loaded, shard)

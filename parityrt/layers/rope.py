@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.rope import apply_rope_ref, default_inv_freq, mrope_cos_sin
+from parityrt.numerics import Precision, RopeNumerics
+
+
+class MRotaryEmbedding(nn.Module):
+    """Partial, interleaved multimodal rope table (Qwen3.5). The fp32 inverse frequencies are built on the CPU at
+    construction, as transformers does; cos/sin are formed in fp32 once per forward."""
+
+    def __init__(self, rot_dim: int, theta: float, section: list[int], interleaved: bool):
+        super().__init__()
+        self.register_buffer("inv_freq", default_inv_freq(theta, rot_dim), persistent=False)
+        self.section, self.interleaved = list(section), interleaved
+
+    def forward(self, pos_3BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return mrope_cos_sin(self.inv_freq, pos_3BS, self.section, self.interleaved)
+
+
+class ApplyRope(nn.Module):
+    """Rotation of q or k by the step's cos/sin, in the dtype the policy says (one per attention layer)."""
+
+    numerics_op = "rope"
+
+    def __init__(self):
+        super().__init__()
+        self.nx = RopeNumerics()
+
+    def forward(self, x_BHSD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return apply_rope_ref(x_BHSD, *cos_sin, fp32=self.nx.apply_dtype == Precision.fp32)

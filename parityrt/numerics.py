@@ -1,0 +1,207 @@
+"""The numerics policy: one explicit setting for every numerically sensitive op.
+
+A policy holds one settings dataclass per op kind (`ops.experts`, `ops.norm`, ...) plus per-layer glob
+overrides. `bind(model, policy)` runs once after loading: every module that declares `numerics_op` gets its
+resolved settings in `module.nx`, and the resolved table is returned so that every run can write it next to
+its outputs. Nothing is looked up inside `forward`.
+
+Values marked "native" reproduce what transformers does for the model at hand (e.g. Qwen3.5 casts routing
+weights to bf16, Kimi keeps them in fp32), so one preset can describe both models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Precision(str, Enum):
+    native = "native"  # whatever the HF reference does for this model
+    fp32 = "fp32"
+
+
+class Combine(str, Enum):
+    index_add_bf16 = "index_add_bf16"  # HF eager: each weighted expert output rounded to bf16, bf16 running sum
+    fp32_sum = "fp32_sum"  # HF grouped_mm / fused kernels: fp32 running sum over the top-k slots, one cast
+    bf16_score = "bf16_score"  # DeepEP combine: weight cast to bf16, bf16 product, bf16 running sum
+
+
+class CombineOrder(str, Enum):
+    expert_id = "expert_id"  # ascending expert id per token (HF eager loops over experts)
+    topk_slot = "topk_slot"  # router slot order (HF grouped_mm sums over dim=1)
+    tree = "tree"  # pairwise binary tree over the slots in slot order
+
+
+class GdnAlgo(str, Enum):
+    chunked = "chunked"  # HF: chunked delta rule for multi-token steps, recurrent for single-token decode
+    recurrent = "recurrent"  # token-by-token recurrence everywhere (prefill and decode use the same adds)
+
+
+class AttentionImpl(str, Enum):
+    eager = "eager"  # HF eager: bf16 scores, fp32 softmax rounded to bf16, bf16 PV matmul
+    sdpa = "sdpa"  # torch scaled_dot_product_attention (fused math on CPU, flash/mem-efficient on GPU)
+
+
+class LogprobFormula(str, Enum):
+    log_softmax = "log_softmax"  # fp32 log_softmax(logits / T)
+    log_of_softmax = "log_of_softmax"  # log(softmax(logits / T)): what some trainers compute
+
+
+@dataclass(slots=True, kw_only=True)
+class RouterNumerics:
+    logits_dtype: Precision = Precision.native  # native: router GEMM in the model dtype (HF); fp32: upcast x and W
+    weights_dtype: Precision = Precision.native  # native: Qwen3.5 casts top-k weights to bf16, Kimi keeps fp32
+
+
+@dataclass(slots=True, kw_only=True)
+class ExpertsNumerics:
+    combine: Combine = Combine.index_add_bf16
+    order: CombineOrder = CombineOrder.expert_id
+    fuse_gate_up: bool = True  # transformers' experts run one GEMM over the stored [2I, H] gate_up tensor
+
+
+@dataclass(slots=True, kw_only=True)
+class MlpNumerics:
+    fuse_gate_up: bool = False  # one concatenated [2I, H] GEMM instead of separate gate and up GEMMs
+
+
+@dataclass(slots=True, kw_only=True)
+class NormNumerics:
+    # fused add+RMSNorm: the residual sum stays fp32 into the norm (only the stored residual is rounded)
+    fuse_residual: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class GdnNumerics:
+    algo: GdnAlgo = GdnAlgo.chunked
+    chunk_size: int = 64
+
+
+@dataclass(slots=True, kw_only=True)
+class AttentionNumerics:
+    impl: AttentionImpl = AttentionImpl.eager
+
+
+@dataclass(slots=True, kw_only=True)
+class RopeNumerics:
+    apply_dtype: Precision = Precision.native  # native: cos/sin rounded to the model dtype, rotation in bf16 (HF)
+
+
+@dataclass(slots=True, kw_only=True)
+class LmHeadNumerics:
+    dtype: Precision = Precision.native  # native: bf16 logits (HF); fp32: fp32 GEMM over upcast inputs
+
+
+@dataclass(slots=True, kw_only=True)
+class LogprobNumerics:
+    formula: LogprobFormula = LogprobFormula.log_softmax
+
+
+@dataclass(slots=True, kw_only=True)
+class OpsNumerics:
+    router: RouterNumerics = field(default_factory=RouterNumerics)
+    experts: ExpertsNumerics = field(default_factory=ExpertsNumerics)
+    mlp: MlpNumerics = field(default_factory=MlpNumerics)
+    norm: NormNumerics = field(default_factory=NormNumerics)
+    gdn: GdnNumerics = field(default_factory=GdnNumerics)
+    attention: AttentionNumerics = field(default_factory=AttentionNumerics)
+    rope: RopeNumerics = field(default_factory=RopeNumerics)
+    lm_head: LmHeadNumerics = field(default_factory=LmHeadNumerics)
+    logprobs: LogprobNumerics = field(default_factory=LogprobNumerics)
+
+
+@dataclass(slots=True, kw_only=True)
+class LayerOverride:
+    """Settings for one op kind on the modules whose qualified name matches `pattern` (fnmatch glob)."""
+
+    pattern: str
+    op: str
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, kw_only=True)
+class NumericsPolicy:
+    name: str = "custom"
+    deterministic: bool = True  # torch.use_deterministic_algorithms, TF32 off
+    ops: OpsNumerics = field(default_factory=OpsNumerics)
+    overrides: list[LayerOverride] = field(default_factory=list)  # later entries win
+
+    def resolve(self, op: str, fqn: str) -> Any:
+        if op not in OP_KINDS:
+            raise ValueError(f"unknown numerics op kind {op!r}; known: {sorted(OP_KINDS)}")
+        nx = getattr(self.ops, op)
+        for ov in self.overrides:
+            if ov.op == op and fnmatch.fnmatchcase(fqn, ov.pattern):
+                nx = _replace_checked(nx, ov.set, where=f"override {ov.pattern!r} for {op}")
+        return nx
+
+
+OP_KINDS: dict[str, type] = {f.name: type(getattr(OpsNumerics(), f.name)) for f in dataclasses.fields(OpsNumerics)}
+
+
+def _replace_checked(nx: Any, values: dict[str, Any], where: str) -> Any:
+    """dataclasses.replace with the same checks Hydra applies to the YAML: known keys, valid enum values."""
+    known = {f.name: f for f in dataclasses.fields(nx)}
+    converted = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown knob {key!r}; known: {sorted(known)}")
+        current = getattr(nx, key)
+        try:
+            converted[key] = type(current)(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: bad value {value!r} for {key}: {e}") from None
+    return dataclasses.replace(nx, **converted)
+
+
+def with_ops(policy: NumericsPolicy, **ops: dict[str, Any]) -> NumericsPolicy:
+    """A copy of `policy` with some knobs changed, e.g. with_ops(p, experts={"combine": "fp32_sum"})."""
+    new_ops = dataclasses.replace(
+        policy.ops, **{op: _replace_checked(getattr(policy.ops, op), values, where=op) for op, values in ops.items()}
+    )
+    return dataclasses.replace(policy, ops=new_ops, name=f"{policy.name}+" + ",".join(sorted(ops)))
+
+
+def bind(model: nn.Module, policy: NumericsPolicy) -> dict[str, dict[str, Any]]:
+    """Give every numerics-aware module its resolved settings; return {module name: {op, knobs...}}."""
+    table: dict[str, dict[str, Any]] = {}
+    for fqn, module in model.named_modules():
+        op = getattr(module, "numerics_op", None)
+        if op is None:
+            continue
+        module.nx = policy.resolve(op, fqn)
+        table[fqn] = {"op": op, **to_jsonable(module.nx)}
+    return table
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, list):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def write_resolved(run_dir: Path, policy: NumericsPolicy, table: dict[str, dict[str, Any]]) -> Path:
+    path = Path(run_dir) / "numerics_resolved.json"
+    path.write_text(json.dumps({"policy": to_jsonable(policy), "modules": table}, indent=1))
+    return path
+
+
+def apply_process_settings(policy: NumericsPolicy) -> None:
+    """Process-wide switches, applied by the launcher before any model runs."""
+    torch.backends.cuda.matmul.allow_tf32 = not policy.deterministic
+    torch.backends.cudnn.allow_tf32 = not policy.deterministic
+    torch.use_deterministic_algorithms(policy.deterministic, warn_only=False)
