@@ -6,8 +6,10 @@ Schemas are slotted, not frozen (Hydra cannot extend frozen schemas); treat them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -81,3 +83,16 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     run = OmegaConf.to_object(cfg)
     assert isinstance(run, RunConfig), type(run)
     return run
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_run(overrides: list[str] | None = None, config_name: str = "config") -> RunConfig:
+    """Compose conf/ exactly as the launchers do (for tests, notebooks and scripts that run several cells)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return to_run_config(compose(config_name=config_name, overrides=list(overrides or [])))
+
+
+def load_preset(name: str) -> NumericsPolicy:
+    return compose_run([f"numerics={name}"]).numerics

@@ -172,6 +172,10 @@ def with_ops(policy: NumericsPolicy, **ops: dict[str, Any]) -> NumericsPolicy:
 
 def bind(model: nn.Module, policy: NumericsPolicy) -> dict[str, dict[str, Any]]:
     """Give every numerics-aware module its resolved settings; return {module name: {op, knobs...}}."""
+    for ov in policy.overrides:
+        if ov.op not in OP_KINDS:
+            raise ValueError(f"override {ov.pattern!r}: unknown numerics op kind {ov.op!r}; known: {sorted(OP_KINDS)}")
+        _replace_checked(getattr(policy.ops, ov.op), ov.set, where=f"override {ov.pattern!r} for {ov.op}")
     table: dict[str, dict[str, Any]] = {}
     for fqn, module in model.named_modules():
         op = getattr(module, "numerics_op", None)
@@ -179,6 +183,10 @@ def bind(model: nn.Module, policy: NumericsPolicy) -> dict[str, dict[str, Any]]:
             continue
         module.nx = policy.resolve(op, fqn)
         table[fqn] = {"op": op, **to_jsonable(module.nx)}
+    for ov in policy.overrides:
+        if not any(t["op"] == ov.op and fnmatch.fnmatchcase(name, ov.pattern) for name, t in table.items()):
+            raise ValueError(f"override {ov.pattern!r} for {ov.op} matches no module of that kind (names look like "
+                             f"{next((n for n, t in table.items() if t['op'] == ov.op), '?')!r})")
     return table
 
 
