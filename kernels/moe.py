@@ -4,6 +4,8 @@ down_EHI = [E, H, I]."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -20,33 +22,44 @@ def gate_up_silu(x_TH: torch.Tensor, gate_up_2IH: torch.Tensor, fuse: bool) -> t
 
 
 def experts_ref(
-    x_TH: torch.Tensor, ids_TK: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, fuse_gate_up: bool
+    x_TH: torch.Tensor,
+    ids_TK: torch.Tensor,
+    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    fuse_gate_up: bool,
 ) -> torch.Tensor:
-    """Unweighted expert outputs y_TKH (model dtype): each (token, slot) pair through its expert's MLP.
+    """Unweighted expert outputs y_TKH: each (token, slot) pair through its expert's MLP, in the dtype of the
+    expert's weights (`expert_weights(e)` -> (gate_up_2IH, down_HI); x is cast to it).
     Rows are grouped per expert in ascending id; each row's result does not depend on the grouping as long as
     the GEMM is row-invariant (true for bf16 on CPU; the batch-invariant GEMM issue covers the GPU)."""
     T, K = ids_TK.shape
-    y_SH = x_TH.new_empty(T * K, x_TH.shape[-1])
     flat_ids_S = ids_TK.reshape(-1)
+    y_SH: torch.Tensor | None = None
     for e in torch.unique(flat_ids_S).tolist():
+        gate_up_2IH, down_HI = expert_weights(e)
         rows_S = (flat_ids_S == e).nonzero().squeeze(-1)
-        h_SI = gate_up_silu(x_TH[rows_S // K], gate_up_E2IH[e], fuse_gate_up)
-        y_SH[rows_S] = F.linear(h_SI, down_EHI[e])
+        h_SI = gate_up_silu(x_TH[rows_S // K].to(gate_up_2IH.dtype), gate_up_2IH, fuse_gate_up)
+        out_SH = F.linear(h_SI, down_HI)
+        if y_SH is None:
+            y_SH = out_SH.new_empty(T * K, out_SH.shape[-1])
+        y_SH[rows_S] = out_SH
+    assert y_SH is not None
     return y_SH.view(T, K, -1)
 
 
-def combine_ref(y_TKH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, combine: str, order: str) -> torch.Tensor:
-    """Weighted sum over the K slots, returned in the model dtype (the dtype of y; "bf16" below).
+def combine_ref(
+    y_TKH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, combine: str, order: str, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Weighted sum over the K slots, returned in the model dtype `out_dtype` ("bf16" below).
 
     combine:
       index_add_bf16  each product y·w is formed in the promoted dtype (bf16·bf16 rounds, bf16·fp32 does not), then
                       rounded to bf16 and added into a bf16 buffer: one rounding per add (transformers eager).
       fp32_sum        the same products, summed in fp32, rounded once (transformers grouped_mm, fused kernels).
       bf16_score      w cast to bf16 first, bf16 products, bf16 running sum (DeepEP combine).
-    In an fp32 model "bf16" is fp32, as in transformers (its buffer has the hidden dtype).
+    In an fp32 model "bf16" is fp32, as in transformers (its buffer has the hidden dtype). y may be fp32 (experts
+    dequantised to fp32): the products are then fp32 and the first rounding is the one the combine names.
     order: expert_id (ascending expert id per token), topk_slot (router slot order), tree (pairwise over slots).
     """
-    out_dtype = y_TKH.dtype
     if combine == "bf16_score":
         w_TK = w_TK.to(out_dtype)
     c_TKH = y_TKH * w_TK[..., None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -47,3 +49,49 @@ def apply_rope_ref(x_BHSD: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.T
         cos, sin = cos.to(x_BHSD.dtype), sin.to(x_BHSD.dtype)
         out = x_rot * cos + _rotate_half(x_rot) * sin
     return torch.cat([out, x_pass], dim=-1)
+
+
+def yarn_inv_freq(
+    base: float, dim: int, factor: float, original_max: int, beta_fast: float, beta_slow: float, truncate: bool = True
+) -> torch.Tensor:
+    """YaRN: interpolated (÷factor) frequencies below the correction range, original ones above it, a linear ramp
+    between. fp32 on the CPU in transformers' op order (their table is the reference bit for bit)."""
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original_max / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").to(dtype=torch.float) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # 1: keep the original frequency (high-frequency dims), 0: fully interpolated
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, pos_BS: torch.Tensor, attention_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain 1-D rope table: fp32 cos/sin [B, S, rot] of cat(freqs, freqs), times the YaRN attention factor."""
+    freqs = pos_BS[..., None].float() * inv_freq.to(device=pos_BS.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def apply_rope_interleaved_ref(x_BHSR: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """DeepSeek rope: pairs (x0, x1), (x2, x3), ... rotate by one angle each; the output is written de-interleaved,
+    [evens | odds], as transformers does (q and k are permuted alike, so q·k is unchanged)."""
+    half = cos_BSR.shape[-1] // 2
+    cos, sin = cos_BSR[:, None, :, :half], sin_BSR[:, None, :, :half]
+    x1, x2 = x_BHSR[..., 0::2], x_BHSR[..., 1::2]
+    if fp32:
+        x1, x2 = x1.float(), x2.float()
+    else:
+        cos, sin = cos.to(x_BHSR.dtype), sin.to(x_BHSR.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BHSR.dtype)

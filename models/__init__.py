@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from models.kimi_k25 import KimiK25Args, KimiK25ForCausalLM
 from models.qwen3_5_moe import Qwen35MoeArgs, Qwen35MoeForCausalLM
 
 ARCHITECTURES = {
     "Qwen3_5MoeForCausalLM": (Qwen35MoeForCausalLM, Qwen35MoeArgs),
     "Qwen3_5MoeForConditionalGeneration": (Qwen35MoeForCausalLM, Qwen35MoeArgs),
+    "DeepseekV3ForCausalLM": (KimiK25ForCausalLM, KimiK25Args),
+    "KimiK25ForConditionalGeneration": (KimiK25ForCausalLM, KimiK25Args),
+    "Kimi_K25ForConditionalGeneration": (KimiK25ForCausalLM, KimiK25Args),
 }

@@ -97,6 +97,8 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen35MoeForCausalLM(nn.Module):
+    norm_weight_base = 0.0  # zero-centred RMSNorms store w - 1 (the GDN output norm stores w itself)
+
     def __init__(self, a: Qwen35MoeArgs, dtype: torch.dtype):
         super().__init__()
         self.args = a

@@ -28,6 +28,17 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class RouterDtype(str, Enum):
+    native = "native"  # what transformers does for the model: Qwen3.5 bf16 logits and weights, Kimi fp32 both
+    fp32 = "fp32"
+    model = "model"  # the activation dtype (bf16): router GEMM without upcast, weights cast down (engines)
+
+
+class DequantOrder(str, Enum):
+    bf16 = "bf16"  # compressed-tensors: W = q.to(bf16)·scale rounded to bf16, then the bf16 expert path
+    fp32 = "fp32"  # vLLM #31962: W = q·scale exact in fp32, fp32 GEMMs, router weight applied in fp32, one cast
+
+
 class Combine(str, Enum):
     index_add_bf16 = "index_add_bf16"  # HF eager: each weighted expert output rounded to bf16, bf16 running sum
     fp32_sum = "fp32_sum"  # HF grouped_mm / fused kernels: fp32 running sum over the top-k slots, one cast
@@ -57,8 +68,8 @@ class LogprobFormula(str, Enum):
 
 @dataclass(slots=True, kw_only=True)
 class RouterNumerics:
-    logits_dtype: Precision = Precision.native  # native: router GEMM in the model dtype (HF); fp32: upcast x and W
-    weights_dtype: Precision = Precision.native  # native: Qwen3.5 casts top-k weights to bf16, Kimi keeps fp32
+    logits_dtype: RouterDtype = RouterDtype.native
+    weights_dtype: RouterDtype = RouterDtype.native
 
 
 @dataclass(slots=True, kw_only=True)
@@ -66,6 +77,7 @@ class ExpertsNumerics:
     combine: Combine = Combine.index_add_bf16
     order: CombineOrder = CombineOrder.expert_id
     fuse_gate_up: bool = True  # transformers' experts run one GEMM over the stored [2I, H] gate_up tensor
+    dequant: DequantOrder = DequantOrder.bf16  # INT4 experts only
 
 
 @dataclass(slots=True, kw_only=True)
@@ -83,6 +95,11 @@ class NormNumerics:
 class GdnNumerics:
     algo: GdnAlgo = GdnAlgo.chunked
     chunk_size: int = 64
+
+
+@dataclass(slots=True, kw_only=True)
+class MlaNumerics:
+    absorb: bool = False  # False: transformers' expanded K/V per head; True: W_UK into q, W_UV after attention
 
 
 @dataclass(slots=True, kw_only=True)
@@ -112,6 +129,7 @@ class OpsNumerics:
     mlp: MlpNumerics = field(default_factory=MlpNumerics)
     norm: NormNumerics = field(default_factory=NormNumerics)
     gdn: GdnNumerics = field(default_factory=GdnNumerics)
+    mla: MlaNumerics = field(default_factory=MlaNumerics)
     attention: AttentionNumerics = field(default_factory=AttentionNumerics)
     rope: RopeNumerics = field(default_factory=RopeNumerics)
     lm_head: LmHeadNumerics = field(default_factory=LmHeadNumerics)

@@ -132,11 +132,11 @@ def write_generated_checkpoint(hf_cfg: dict[str, Any], seed: int, out: Path) -> 
     model_cls, args_cls = architecture(hf_cfg, out)
     args = args_cls.from_hf(hf_cfg)
     with torch.device("meta"):
-        model = model_cls(args, torch.float32)
+        model = model_cls(args, torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, p in model.named_parameters():
-        tensors[name] = init_tensor(name, tuple(p.shape), gen).to(torch.bfloat16)
+    for name, p in model.named_parameters():  # fp32 parameters (e.g. the router bias) stay fp32
+        tensors[name] = init_tensor(name, tuple(p.shape), gen, model_cls.norm_weight_base).to(p.dtype)
     hf_tensors = model_cls.to_checkpoint(tensors)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
@@ -146,16 +146,17 @@ def write_generated_checkpoint(hf_cfg: dict[str, Any], seed: int, out: Path) -> 
     return out
 
 
-def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Deterministic weights that keep activations O(1) and make every norm weight non-trivial."""
+def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, norm_base: float) -> torch.Tensor:
+    """Deterministic weights that keep activations O(1) and make every norm weight non-trivial.
+    norm_base: the identity value of the model's stored norm weights (0 for zero-centred norms, else 1)."""
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "A_log":
         return torch.empty(shape).uniform_(1.0, 16.0, generator=gen).log()
     if leaf == "dt_bias":
         return torch.randn(shape, generator=gen) * 0.5
     if name.endswith("norm.weight") or "layernorm" in name:
-        # zero-centred norms store w - 1, the GDN norm stores w: both get a visible spread around their identity
-        base = 1.0 if ".linear_attn.norm." in name else 0.0
+        # Qwen3.5's GDN output norm stores w itself, unlike its zero-centred norms
+        base = 1.0 if ".linear_attn.norm." in name else norm_base
         return base + 0.1 * torch.randn(shape, generator=gen)
     if name.startswith("embed_tokens"):
         return torch.randn(shape, generator=gen)

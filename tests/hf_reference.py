@@ -33,7 +33,7 @@ def make_hf_qwen(hf_cfg: dict, seed: int, experts: str):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(init_tensor(name.removeprefix("model."), tuple(p.shape), gen))
+            p.copy_(init_tensor(name.removeprefix("model."), tuple(p.shape), gen, norm_base=0.0))
     return model.eval()
 
 
@@ -76,3 +76,19 @@ def load_hf(ckpt: Path, dtype: torch.dtype, experts: str):
     return AutoModelForCausalLM.from_pretrained(
         ckpt, dtype=dtype, attn_implementation="eager", experts_implementation=experts
     ).eval()
+
+
+def make_hf_deepseek(hf_cfg: dict, seed: int):
+    """DeepseekV3ForCausalLM in fp32 with random weights, a non-zero fp32 router bias and non-trivial norms."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = {k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type")}
+    model = DeepseekV3ForCausalLM._from_config(DeepseekV3Config(**cfg), attn_implementation="eager", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_tensor(name.removeprefix("model."), tuple(p.shape), gen, norm_base=1.0))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    return model.eval()

@@ -18,12 +18,12 @@ def test_combine_rounding_points_on_known_values() -> None:
     y = torch.tensor([[[256.0], [1.0], [1.0], [1.0]]], dtype=bf16)
     w = torch.ones(1, 4, dtype=bf16)
     ids = torch.tensor([[3, 0, 1, 2]])
-    assert combine_ref(y, w, ids, "fp32_sum", "topk_slot").item() == 260.0
-    assert combine_ref(y, w, ids, "index_add_bf16", "topk_slot").item() == 256.0
+    assert combine_ref(y, w, ids, "fp32_sum", "topk_slot", bf16).item() == 260.0
+    assert combine_ref(y, w, ids, "index_add_bf16", "topk_slot", bf16).item() == 256.0
     # expert-id order adds the three ones first (1+1+1 = 3, then 3 + 256 = 259 -> 260 in bf16)
-    assert combine_ref(y, w, ids, "index_add_bf16", "expert_id").item() == 260.0
+    assert combine_ref(y, w, ids, "index_add_bf16", "expert_id", bf16).item() == 260.0
     # tree: (256 + 1) + (1 + 1) = 256 + 2 = 258
-    assert combine_ref(y, w, ids, "index_add_bf16", "tree").item() == 258.0
+    assert combine_ref(y, w, ids, "index_add_bf16", "tree", bf16).item() == 258.0
 
 
 def test_bf16_score_rounds_the_weight_first() -> None:
@@ -32,9 +32,9 @@ def test_bf16_score_rounds_the_weight_first() -> None:
     ids = torch.tensor([[0, 1]])
     # fp32 product 3.017578125 rounds once to 3.015625; bf16_score first rounds w to 1.0078125, and
     # 3 * 1.0078125 = 3.0234375 is a tie between 3.015625 and 3.03125 that rounds to even (3.03125)
-    assert combine_ref(y, w, ids, "fp32_sum", "topk_slot").item() == 3.015625
-    assert combine_ref(y, w, ids, "index_add_bf16", "topk_slot").item() == 3.015625
-    assert combine_ref(y, w, ids, "bf16_score", "topk_slot").item() == 3.03125
+    assert combine_ref(y, w, ids, "fp32_sum", "topk_slot", bf16).item() == 3.015625
+    assert combine_ref(y, w, ids, "index_add_bf16", "topk_slot", bf16).item() == 3.015625
+    assert combine_ref(y, w, ids, "bf16_score", "topk_slot", bf16).item() == 3.03125
 
 
 def _gdn_inputs(S: int, seed: int = 0):

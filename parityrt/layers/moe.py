@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.int4 import dequant_int4_ref
 from kernels.moe import combine_ref, experts_ref, gate_up_silu
 from parityrt.layers.linear import Linear, make_param, stacked_weight_loader
-from parityrt.numerics import ExpertsNumerics, MlpNumerics, Precision, RouterNumerics
+from parityrt.numerics import DequantOrder, ExpertsNumerics, MlpNumerics, RouterDtype, RouterNumerics
 
 
 class MLP(nn.Module):
@@ -39,32 +40,90 @@ class SoftmaxTopKRouter(nn.Module):
         self.nx = RouterNumerics()
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.nx.logits_dtype == Precision.fp32:
+        if self.nx.logits_dtype == RouterDtype.fp32:
             logits_TE = F.linear(x_TH.float(), self.weight.float())
-        else:
+        else:  # native = model for Qwen3.5: the GEMM runs in bf16
             logits_TE = F.linear(x_TH, self.weight)
         probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
         w_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
-        if self.nx.weights_dtype == Precision.native:
+        if self.nx.weights_dtype != RouterDtype.fp32:
+            w_TK = w_TK.to(x_TH.dtype)
+        return w_TK, ids_TK
+
+
+class SigmoidGroupedTopKRouter(nn.Module):
+    """DeepSeek-V3 / Kimi router: sigmoid scores; the fp32 e_score_correction_bias is added for selection only;
+    group-limited top-k (top-2 sum per group); weights are the unbiased scores of the chosen experts,
+    renormalised and times routed_scaling_factor. transformers runs it all in fp32 (native)."""
+
+    numerics_op = "router"
+
+    def __init__(self, hidden: int, experts: int, top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
+                 scaling: float, dtype: torch.dtype):
+        super().__init__()
+        if experts % n_group:
+            raise ValueError(f"n_routed_experts ({experts}) must be divisible by n_group ({n_group})")
+        self.weight = make_param(experts, hidden, dtype=dtype)
+        self.e_score_correction_bias = make_param(experts, dtype=torch.float32)  # kept fp32, as HF keeps it
+        self.top_k, self.n_group, self.topk_group, self.norm, self.scaling = top_k, n_group, topk_group, norm_topk_prob, scaling
+        self.nx = RouterNumerics()
+
+    def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.nx.logits_dtype == RouterDtype.model:
+            logits_TE = F.linear(x_TH, self.weight).float()
+        else:  # native = fp32 for DeepSeek-V3
+            logits_TE = F.linear(x_TH.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid()
+        choice_TE = scores_TE + self.e_score_correction_bias
+        T, E = choice_TE.shape
+        group_TG = choice_TE.view(T, self.n_group, E // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        keep_groups_TG = torch.zeros_like(group_TG).scatter_(1, torch.topk(group_TG, self.topk_group, dim=-1, sorted=False)[1], 1)
+        keep_TE = keep_groups_TG.unsqueeze(-1).expand(T, self.n_group, E // self.n_group).reshape(T, E).bool()
+        ids_TK = torch.topk(choice_TE.masked_fill(~keep_TE, float("-inf")), self.top_k, dim=-1, sorted=False)[1]
+        w_TK = scores_TE.gather(1, ids_TK)
+        if self.norm:
+            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        w_TK = w_TK * self.scaling
+        if self.nx.weights_dtype == RouterDtype.model:
             w_TK = w_TK.to(x_TH.dtype)
         return w_TK, ids_TK
 
 
 class Experts(nn.Module):
-    """Routed experts as [E, ...] tensors, with the combine (rounding point and order) the policy says."""
+    """Routed experts as [E, ...] tensors, with the combine (rounding point and order) the policy says.
+    quantized: INT4 weights (compressed-tensors pack-quantized, one scale per `group` inputs), dequantised per hit
+    expert in the dtype the policy's `dequant` order names."""
 
     numerics_op = "experts"
 
-    def __init__(self, hidden: int, inter: int, experts: int, dtype: torch.dtype):
+    def __init__(self, hidden: int, inter: int, experts: int, dtype: torch.dtype, quantized: bool = False, group: int = 32):
         super().__init__()
-        self.gate_up_proj = make_param(experts, 2 * inter, hidden, dtype=dtype, loader=_expert_loader(inter))
-        self.down_proj = make_param(experts, hidden, inter, dtype=dtype, loader=_expert_loader(None))
+        self.quantized = quantized
+        if quantized:
+            if hidden % group or inter % group:
+                raise ValueError(f"INT4 experts need hidden ({hidden}) and intermediate ({inter}) divisible by group {group}")
+            self.gate_up_packed = make_param(experts, 2 * inter, hidden // 8, dtype=torch.int32, loader=_expert_loader(inter))
+            self.gate_up_scale = make_param(experts, 2 * inter, hidden // group, dtype=dtype, loader=_expert_loader(inter))
+            self.down_packed = make_param(experts, hidden, inter // 8, dtype=torch.int32, loader=_expert_loader(None))
+            self.down_scale = make_param(experts, hidden, inter // group, dtype=dtype, loader=_expert_loader(None))
+        else:
+            self.gate_up_proj = make_param(experts, 2 * inter, hidden, dtype=dtype, loader=_expert_loader(inter))
+            self.down_proj = make_param(experts, hidden, inter, dtype=dtype, loader=_expert_loader(None))
         self.nx = ExpertsNumerics()
 
+    def _weights(self, dtype: torch.dtype):
+        if not self.quantized:
+            return lambda e: (self.gate_up_proj[e], self.down_proj[e])
+        wdtype = torch.float32 if self.nx.dequant == DequantOrder.fp32 else dtype
+        return lambda e: (
+            dequant_int4_ref(self.gate_up_packed[e], self.gate_up_scale[e], wdtype),
+            dequant_int4_ref(self.down_packed[e], self.down_scale[e], wdtype),
+        )
+
     def forward(self, x_TH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        y_TKH = experts_ref(x_TH, ids_TK, self.gate_up_proj, self.down_proj, self.nx.fuse_gate_up)
-        return combine_ref(y_TKH, w_TK, ids_TK, self.nx.combine.value, self.nx.order.value)
+        y_TKH = experts_ref(x_TH, ids_TK, self._weights(x_TH.dtype), self.nx.fuse_gate_up)
+        return combine_ref(y_TKH, w_TK, ids_TK, self.nx.combine.value, self.nx.order.value, x_TH.dtype)
 
 
 def _expert_loader(inter: int | None):
@@ -82,6 +141,22 @@ def _expert_loader(inter: int | None):
         target.copy_(loaded)
 
     return load
+
+
+class DeepseekMoe(nn.Module):
+    """Routed experts plus shared expert(s) on the same input: routed + shared, added in the model dtype."""
+
+    def __init__(self, hidden: int, inter: int, experts: int, top_k: int, n_shared: int, n_group: int, topk_group: int,
+                 norm_topk_prob: bool, scaling: float, dtype: torch.dtype, quantized: bool):
+        super().__init__()
+        self.gate = SigmoidGroupedTopKRouter(hidden, experts, top_k, n_group, topk_group, norm_topk_prob, scaling, dtype)
+        self.experts = Experts(hidden, inter, experts, dtype, quantized=quantized)
+        self.shared_experts = MLP(hidden, inter * n_shared, dtype)
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
+        w_TK, ids_TK = self.gate(x_TH)
+        return (self.experts(x_TH, w_TK, ids_TK) + self.shared_experts(x_TH)).view_as(x_BSH)
 
 
 class Qwen35SparseMoe(nn.Module):

@@ -1,0 +1,74 @@
+"""Multi-head latent attention (DeepSeek-V3 / Kimi K2.5). Shapes: B batch, H heads, S new tokens, L cached + new
+tokens, N nope dims, R rope dims, V value dims, C the compressed KV latent (kv_lora_rank)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parityrt.layers.attention import Attention
+from parityrt.layers.cache import StateCache
+from parityrt.layers.linear import Linear
+from parityrt.layers.norm import RMSNorm
+from parityrt.layers.rope import ApplyRope
+from parityrt.numerics import MlaNumerics
+
+
+class MLAttention(nn.Module):
+    """The cache holds the normalised latent c_kv [B, 1, L, C] and the roped shared key [B, 1, L, R].
+    absorb=False (transformers): expand K and V per head with kv_b_proj, then attention over N + R dims.
+    absorb=True (engines): fold W_UK into q and attend over the latent (C + R dims, one shared KV head), then
+    apply W_UV to the attended latent. Same math, different roundings."""
+
+    numerics_op = "mla"
+
+    def __init__(self, hidden: int, heads: int, q_lora_rank: int | None, kv_lora_rank: int, nope: int, rope: int,
+                 v_dim: int, scale: float, latent_eps: float, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.heads, self.nope, self.rope_dim, self.v_dim, self.kv_lora_rank = heads, nope, rope, v_dim, kv_lora_rank
+        self.layer_idx = layer_idx
+        if q_lora_rank is None:
+            self.q_proj = Linear(hidden, heads * (nope + rope), dtype)
+        else:
+            self.q_a_proj = Linear(hidden, q_lora_rank, dtype)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, latent_eps, zero_centred=False, dtype=dtype)
+            self.q_b_proj = Linear(q_lora_rank, heads * (nope + rope), dtype)
+        self.kv_a_proj_with_mqa = Linear(hidden, kv_lora_rank + rope, dtype)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, latent_eps, zero_centred=False, dtype=dtype)
+        self.kv_b_proj = Linear(kv_lora_rank, heads * (nope + v_dim), dtype)
+        self.o_proj = Linear(heads * v_dim, hidden, dtype)
+        self.rope = ApplyRope(interleaved=True)
+        self.attn = Attention(scale)
+        self.nx = MlaNumerics()
+
+    def _q(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x_BSD)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD))[0])
+
+    def forward(self, x_BSD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: StateCache | None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BHSX = self._q(x_BSD).view(B, S, self.heads, self.nope + self.rope_dim).transpose(1, 2)
+        q_nope, q_rot = torch.split(q_BHSX, [self.nope, self.rope_dim], dim=-1)
+        c_kv, k_rot = torch.split(self.kv_a_proj_with_mqa(x_BSD), [self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)[0].view(B, 1, S, self.kv_lora_rank)
+        q_rot = self.rope(q_rot, cos_sin)
+        k_rot = self.rope(k_rot.view(B, 1, S, self.rope_dim), cos_sin)
+        if cache is not None:
+            c_kv, k_rot = cache.append_kv(self.layer_idx, c_kv, k_rot)
+        o_BHSV = self._absorbed(q_nope, q_rot, c_kv, k_rot) if self.nx.absorb else self._expanded(q_nope, q_rot, c_kv, k_rot)
+        return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, -1))
+
+    def _expanded(self, q_nope, q_rot, c_kv, k_rot) -> torch.Tensor:
+        B, _, L, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, L, self.heads, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.expand(-1, self.heads, -1, -1)], dim=-1)
+        return self.attn(torch.cat([q_nope, q_rot], dim=-1), k, v)
+
+    def _absorbed(self, q_nope, q_rot, c_kv, k_rot) -> torch.Tensor:
+        w_HXC = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_HXC[:, : self.nope], w_HXC[:, self.nope :]
+        q_lat = torch.matmul(q_nope, w_uk_HNC)  # [B, H, S, C], rounded to the model dtype
+        o_lat = self.attn(torch.cat([q_lat, q_rot], dim=-1), torch.cat([c_kv, k_rot], dim=-1), c_kv)
+        return torch.matmul(o_lat, w_uv_HVC.transpose(-1, -2))
