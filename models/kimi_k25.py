@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kernels.rope import default_inv_freq, yarn_inv_freq, yarn_mscale
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.head import Embedding, Logprobs, LMHead
 from parityrt.layers.mla import MLAttention
 from parityrt.layers.moe import MLP, DeepseekMoe
@@ -106,9 +106,9 @@ class DecoderLayer(nn.Module):
                 a.n_group, a.topk_group, a.norm_topk_prob, a.routed_scaling_factor, dtype, a.int4_experts,
             )
 
-    def forward(self, x, residual, cos_sin, cache: StateCache | None):
+    def forward(self, x, residual, cos_sin, batch: ForwardBatch):
         h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos_sin, cache), residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos_sin, batch), residual)
         return self.mlp(h), residual
 
 
@@ -126,12 +126,14 @@ class KimiK25ForCausalLM(nn.Module):
         self.lm_head = LMHead(a.vocab_size, a.hidden_size, dtype)
         self.logprobs = Logprobs()
 
-    def forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, cache: StateCache | None = None) -> torch.Tensor:
-        x = self.embed_tokens(ids_BS)
-        cos_sin = self.rotary(pos_BS)
+    def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states [T, H] of the batch's new tokens at positions pos_T."""
+        x = self.embed_tokens(ids_T)
+        cos, sin = self.rotary(pos_T[None])
+        cos_sin = (cos[0], sin[0])
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos_sin, cache)
+            x, residual = layer(x, residual, cos_sin, batch)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from parityrt.layers.attention import GatedAttention
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.gdn import GatedDeltaNet
 from parityrt.layers.head import Embedding, Logprobs, LMHead
 from parityrt.layers.moe import Qwen35SparseMoe
@@ -89,9 +89,9 @@ class DecoderLayer(nn.Module):
             a.num_experts_per_tok, dtype,
         )
 
-    def forward(self, x, residual, cos_sin, cache: StateCache | None):
+    def forward(self, x, residual, cos_sin, batch: ForwardBatch):
         h, residual = self.input_layernorm(x, residual)
-        h = self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cos_sin, cache)
+        h = self.linear_attn(h, batch) if self.is_linear else self.self_attn(h, cos_sin, batch)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -112,13 +112,15 @@ class Qwen35MoeForCausalLM(nn.Module):
         self.lm_head = LMHead(a.vocab_size, a.hidden_size, dtype)
         self.logprobs = Logprobs()
 
-    def forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, cache: StateCache | None = None) -> torch.Tensor:
-        """Final hidden states [B, S, H] for tokens at positions pos_BS (text: the same position on all mRoPE axes)."""
-        x = self.embed_tokens(ids_BS)
-        cos_sin = self.rotary(pos_BS.unsqueeze(0).expand(3, -1, -1))
+    def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states [T, H] of the batch's new tokens at positions pos_T (text: the same position on
+        every mRoPE axis)."""
+        x = self.embed_tokens(ids_T)
+        cos, sin = self.rotary(pos_T.view(1, 1, -1).expand(3, 1, -1))
+        cos_sin = (cos[0], sin[0])
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos_sin, cache)
+            x, residual = layer(x, residual, cos_sin, batch)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import ForwardBatch, StateCache
 from parityrt.tokenizer import Tokenizer
 
 SUPPORTED_SAMPLING_KEYS = {
@@ -174,8 +174,9 @@ class Generator:
         t0 = time.perf_counter()
         sp, prompt = req.sampling, req.input_ids
         cache = StateCache()
-        ids = torch.tensor([prompt], device=self.device)
-        logits = self.model.compute_logits(self.model(ids, torch.arange(len(prompt), device=self.device)[None], cache))[0]
+        ids = torch.tensor(prompt, device=self.device)
+        batch = ForwardBatch([len(prompt)], [cache])
+        logits = self.model.compute_logits(self.model(ids, torch.arange(len(prompt), device=self.device), batch))
         temperature = 1.0 if sp.greedy else sp.temperature
         gen = None if sp.greedy else torch.Generator(device=self.device).manual_seed(
             sp.sampling_seed if sp.sampling_seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -198,8 +199,8 @@ class Generator:
                 break
             if len(output) == sp.max_new_tokens:
                 break
-            pos = torch.tensor([[len(prompt) + len(output) - 1]], device=self.device)
-            last = self.model.compute_logits(self.model(torch.tensor([[token]], device=self.device), pos, cache))[0, -1]
+            pos = torch.tensor([len(prompt) + len(output) - 1], device=self.device)
+            last = self.model.compute_logits(self.model(torch.tensor([token], device=self.device), pos, ForwardBatch([1], [cache])))[-1]
             step_logits.append(last[None])
         text = self.tokenizer.decode(output, skip_special_tokens=sp.skip_special_tokens)
         if finish["type"] == "stop" and isinstance(finish["matched"], str) and not sp.no_stop_trim:

@@ -92,3 +92,14 @@ def make_hf_deepseek(hf_cfg: dict, seed: int):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=gen))
     return model.eval()
+
+
+def model_logits(model, ids_BS: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
+    """Logits [B, S, V] of B equal-length sequences through our varlen forward (positions start..start+S-1)."""
+    from parityrt.layers.cache import ForwardBatch
+
+    B, S = ids_BS.shape
+    pos_T = (torch.arange(S) + start).repeat(B)
+    with torch.no_grad():
+        h = model(ids_BS.reshape(-1), pos_T, ForwardBatch.uniform(B, S, caches))
+        return model.compute_logits(h).view(B, S, -1)

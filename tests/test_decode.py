@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_reference import tiny_model_config
+from hf_reference import model_logits, tiny_model_config
 from parityrt.config import load_preset
 from parityrt.layers.cache import StateCache
 from parityrt.numerics import bind, with_ops
@@ -16,12 +16,11 @@ SEQ, PREFILL = 40, 13
 
 def _full_and_decoded(model) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(0, model.args.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = model.compute_logits(model(ids, torch.arange(SEQ).expand(2, SEQ)))
-        cache = StateCache()
-        steps = [model.compute_logits(model(ids[:, :PREFILL], torch.arange(PREFILL).expand(2, PREFILL), cache))]
-        for t in range(PREFILL, SEQ):
-            steps.append(model.compute_logits(model(ids[:, t : t + 1], torch.full((2, 1), t), cache)))
+    full = model_logits(model, ids)
+    caches = [StateCache(), StateCache()]
+    steps = [model_logits(model, ids[:, :PREFILL], caches)]
+    for t in range(PREFILL, SEQ):
+        steps.append(model_logits(model, ids[:, t : t + 1], caches, start=t))
     return full, torch.cat(steps, dim=1)
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_reference import export_checkpoint, load_hf, make_hf_deepseek, tiny_model_config
+from hf_reference import export_checkpoint, load_hf, make_hf_deepseek, model_logits, tiny_model_config
 from kernels.int4 import dequant_int4_ref, pack_int4
 from parityrt.config import ModelConfig, load_preset
 from parityrt.int4_checkpoint import write_int4_pair
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import ForwardBatch, StateCache
 from parityrt.numerics import bind, with_ops
 from parityrt.weights import build_model
 
@@ -26,8 +26,7 @@ def _ids(batch: int = 2, seq: int = 40) -> torch.Tensor:
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.compute_logits(model(ids, torch.arange(ids.shape[1]).expand_as(ids)))
+    return model_logits(model, ids)
 
 
 @pytest.fixture(scope="module", params=[CFG, CFG_GROUPS], ids=["n_group1", "n_group4"])
@@ -69,13 +68,13 @@ def test_mla_absorb_is_a_real_knob(tiny) -> None:
     # bf16, one MLA layer on the same input: within bf16 rounding, but different bits
     model = tiny["bfloat16"]
     attn = model.layers[0].self_attn
-    x = model.layers[0].input_layernorm(model.embed_tokens(ids))[0]
-    cos_sin = model.rotary(torch.arange(ids.shape[1]).expand_as(ids))
+    x = model.layers[0].input_layernorm(model.embed_tokens(ids.reshape(-1)))[0]
+    cos, sin = model.rotary(torch.arange(ids.shape[1]).repeat(ids.shape[0])[None])
     outs = []
     for absorb in (False, True):
         bind(model, with_ops(load_preset("hf_eager"), mla={"absorb": absorb}))
         with torch.no_grad():
-            outs.append(attn(x, cos_sin, None))
+            outs.append(attn(x, (cos[0], sin[0]), ForwardBatch.uniform(*ids.shape)))
     assert not torch.equal(outs[0], outs[1])
     assert (outs[0].float() - outs[1].float()).abs().max().item() <= 2**-5 * outs[0].float().abs().max().item()
 
@@ -86,13 +85,12 @@ def test_decode_with_latent_cache(tiny, absorb) -> None:
     for dtype, model in tiny.items():
         bind(model, with_ops(load_preset("hf_eager"), mla={"absorb": absorb}))
         full = _logits(model, ids)
-        cache, steps = StateCache(), []
-        with torch.no_grad():
-            steps.append(model.compute_logits(model(ids[:, :prefill], torch.arange(prefill).expand(2, prefill), cache)))
-            for t in range(prefill, ids.shape[1]):
-                steps.append(model.compute_logits(model(ids[:, t : t + 1], torch.full((2, 1), t), cache)))
+        caches = [StateCache(), StateCache()]
+        steps = [model_logits(model, ids[:, :prefill], caches)]
+        for t in range(prefill, ids.shape[1]):
+            steps.append(model_logits(model, ids[:, t : t + 1], caches, start=t))
         decoded = torch.cat(steps, dim=1)
-        assert cache.kv[0][0].shape == (2, 1, 30, 64)  # the cache holds the latent, not per-head K/V
+        assert caches[0].kv[0][0].shape == (1, 1, 30, 64)  # the cache holds the latent, not per-head K/V
         if dtype == "float32":
             assert (decoded - full).abs().max().item() <= 1e-5 * max(1.0, full.abs().max().item())
         elif not absorb:  # expanded MLA with eager attention: the same bf16 ops in prefill and decode

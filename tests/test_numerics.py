@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_reference import tiny_model_config
+from hf_reference import model_logits, tiny_model_config
 from parityrt.config import load_preset
 from parityrt.numerics import OP_KINDS, LayerOverride, NumericsPolicy, bind, with_ops, write_resolved
 from parityrt.weights import build_model
@@ -46,9 +46,8 @@ def model(cache_dir):
 def _run(model, policy: NumericsPolicy) -> tuple[torch.Tensor, torch.Tensor, dict]:
     table = bind(model, policy)
     ids = torch.randint(0, model.args.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model.compute_logits(model(ids, torch.arange(70).expand(2, 70)))
-        return logits, model.logprobs(logits), table
+    logits = model_logits(model, ids)
+    return logits, model.logprobs(logits), table
 
 
 def _changed_modules(a: dict, b: dict) -> set[str]:
@@ -91,7 +90,7 @@ def test_fusion_knobs_change_the_gemms_issued(model, op, knob, value) -> None:
     for policy in (base, with_ops(base, **{op: {knob: value}})):
         bind(model, policy)
         with torch.no_grad(), _GemmShapes() as mode:
-            model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None])
+            model_logits(model, torch.tensor([[1, 2, 3]]))
         counts.append(len(mode.widths))
     assert counts[0] != counts[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_reference import export_checkpoint, load_hf, make_hf_qwen, tiny_model_config
+from hf_reference import export_checkpoint, load_hf, make_hf_qwen, model_logits, tiny_model_config
 from parityrt.config import ModelConfig
 from parityrt.numerics import bind
 from parityrt.config import load_preset
@@ -39,8 +39,7 @@ def _ids(batch: int = 2, seq: int = 70) -> torch.Tensor:
 def _ours(ckpt: Path, dtype: str, preset: str, ids: torch.Tensor) -> torch.Tensor:
     model, _ = build_model(ModelConfig(name="t", path=str(ckpt), dtype=dtype))
     bind(model, load_preset(preset))
-    with torch.no_grad():
-        return model.compute_logits(model(ids, torch.arange(ids.shape[1]).expand_as(ids)))
+    return model_logits(model, ids)
 
 
 @pytest.mark.parametrize("preset,experts", PAIRS)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from kernels.attention import eager_attention_ref, sdpa_attention
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.linear import Linear
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import ApplyRope
@@ -43,13 +43,20 @@ class GatedAttention(nn.Module):
         self.rope = ApplyRope()
         self.attn = Attention(head_dim**-0.5)
 
-    def forward(self, x_BSH: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: StateCache | None) -> torch.Tensor:
-        B, S, _ = x_BSH.shape
-        q, gate = self.q_proj(x_BSH).view(B, S, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
-        q = self.rope(self.q_norm(q)[0].transpose(1, 2), cos_sin)
-        k = self.rope(self.k_norm(self.k_proj(x_BSH).view(B, S, self.kv_heads, self.head_dim))[0].transpose(1, 2), cos_sin)
-        v = self.v_proj(x_BSH).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.append_kv(self.layer_idx, k, v)
-        o = self.attn(q, k, v).transpose(1, 2).reshape(B, S, -1)
-        return self.o_proj(o * torch.sigmoid(gate.reshape(B, S, -1)))
+    def forward(self, x_TH: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
+        T = x_TH.shape[0]
+        q, gate = self.q_proj(x_TH).view(T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = self.q_norm(q)[0]
+        k = self.k_norm(self.k_proj(x_TH).view(T, self.kv_heads, self.head_dim))[0]
+        v = self.v_proj(x_TH).view(T, self.kv_heads, self.head_dim)
+        outs = []
+        for q_s, k_s, v_s, cos, sin, cache in zip(*map(batch.split, (q, k, v, *cos_sin)), batch.caches):
+            # one sequence as a batch of one, heads before time: [1, H, n, D]
+            q_s = self.rope(q_s.transpose(0, 1)[None], (cos[None], sin[None]))
+            k_s = self.rope(k_s.transpose(0, 1)[None], (cos[None], sin[None]))
+            v_s = v_s.transpose(0, 1)[None]
+            if cache is not None:
+                k_s, v_s = cache.append_kv(self.layer_idx, k_s, v_s)
+            outs.append(self.attn(q_s, k_s, v_s)[0].transpose(0, 1))
+        o = torch.cat(outs).reshape(T, -1)
+        return self.o_proj(o * torch.sigmoid(gate.reshape(T, -1)))

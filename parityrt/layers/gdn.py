@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.gdn import causal_conv1d_ref, chunked_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import ForwardBatch, StateCache
 from parityrt.layers.linear import Linear, default_weight_loader, make_param
 from parityrt.layers.norm import GatedRMSNorm
 from parityrt.numerics import GdnAlgo, GdnNumerics
@@ -33,26 +33,33 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(self.value_size, hidden, dtype)
         self.nx = GdnNumerics()
 
-    def forward(self, x_BSH: torch.Tensor, cache: StateCache | None) -> torch.Tensor:
-        B, S, _ = x_BSH.shape
-        conv_state = cache.conv.get(self.layer_idx) if cache is not None else None
-        qkv, new_conv_state = causal_conv1d_ref(self.in_proj_qkv(x_BSH).transpose(1, 2), self.conv_weight, conv_state)
-        q, k, v = torch.split(qkv.transpose(1, 2), [self.key_size, self.key_size, self.value_size], dim=-1)
-        q, k = q.reshape(B, S, self.k_heads, self.k_dim), k.reshape(B, S, self.k_heads, self.k_dim)
-        v = v.reshape(B, S, self.v_heads, self.v_dim)
-        beta = self.in_proj_b(x_BSH).sigmoid()
+    def forward(self, x_TH: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv_T = self.in_proj_qkv(x_TH)
+        beta_T = self.in_proj_b(x_TH).sigmoid()
         # decay in fp32: -exp(A_log)·softplus(a + dt_bias), <= 0 (fp16/bf16 exp would overflow or lose it)
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BSH).float() + self.dt_bias)
+        g_T = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_TH).float() + self.dt_bias)
+        outs = [self._sequence(qkv, beta, g, cache) for qkv, beta, g, cache in
+                zip(batch.split(qkv_T), batch.split(beta_T), batch.split(g_T), batch.caches)]
+        z = self.in_proj_z(x_TH).reshape(-1, self.v_dim)
+        o = self.norm(torch.cat(outs).reshape(-1, self.v_dim), z).reshape(x_TH.shape[0], -1)
+        return self.out_proj(o)
+
+    def _sequence(self, qkv_SC: torch.Tensor, beta_SH: torch.Tensor, g_SH: torch.Tensor, cache: StateCache | None) -> torch.Tensor:
+        """Conv and delta rule over one sequence's new tokens, continuing from (and updating) its cache."""
+        S = qkv_SC.shape[0]
+        conv_state = cache.conv.get(self.layer_idx) if cache is not None else None
+        qkv, new_conv_state = causal_conv1d_ref(qkv_SC.T[None], self.conv_weight, conv_state)
+        q, k, v = torch.split(qkv[0].T, [self.key_size, self.key_size, self.value_size], dim=-1)
+        q, k = q.reshape(1, S, self.k_heads, self.k_dim), k.reshape(1, S, self.k_heads, self.k_dim)
+        v = v.reshape(1, S, self.v_heads, self.v_dim)
         state = cache.recurrent.get(self.layer_idx) if cache is not None else None
         if self.nx.algo == GdnAlgo.recurrent or S == 1:
-            o, new_state = recurrent_gated_delta_rule_ref(q, k, v, g, beta, state)
+            o, new_state = recurrent_gated_delta_rule_ref(q, k, v, g_SH[None], beta_SH[None], state)
         else:
-            o, new_state = chunked_gated_delta_rule_ref(q, k, v, g, beta, state, self.nx.chunk_size)
+            o, new_state = chunked_gated_delta_rule_ref(q, k, v, g_SH[None], beta_SH[None], state, self.nx.chunk_size)
         if cache is not None:
             cache.conv[self.layer_idx], cache.recurrent[self.layer_idx] = new_conv_state, new_state
-        z = self.in_proj_z(x_BSH).reshape(-1, self.v_dim)
-        o = self.norm(o.reshape(-1, self.v_dim), z).reshape(B, S, -1)
-        return self.out_proj(o)
+        return o[0]
 
 
 def _conv_loader(param: nn.Parameter, loaded: torch.Tensor, shard: None = None) -> None:

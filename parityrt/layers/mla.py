@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from parityrt.layers.attention import Attention
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.linear import Linear
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import ApplyRope
@@ -41,23 +41,27 @@ class MLAttention(nn.Module):
         self.attn = Attention(scale)
         self.nx = MlaNumerics()
 
-    def _q(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def _q(self, x_TD: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
-            return self.q_proj(x_BSD)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD))[0])
+            return self.q_proj(x_TD)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD))[0])
 
-    def forward(self, x_BSD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: StateCache | None) -> torch.Tensor:
-        B, S, _ = x_BSD.shape
-        q_BHSX = self._q(x_BSD).view(B, S, self.heads, self.nope + self.rope_dim).transpose(1, 2)
-        q_nope, q_rot = torch.split(q_BHSX, [self.nope, self.rope_dim], dim=-1)
-        c_kv, k_rot = torch.split(self.kv_a_proj_with_mqa(x_BSD), [self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)[0].view(B, 1, S, self.kv_lora_rank)
-        q_rot = self.rope(q_rot, cos_sin)
-        k_rot = self.rope(k_rot.view(B, 1, S, self.rope_dim), cos_sin)
-        if cache is not None:
-            c_kv, k_rot = cache.append_kv(self.layer_idx, c_kv, k_rot)
-        o_BHSV = self._absorbed(q_nope, q_rot, c_kv, k_rot) if self.nx.absorb else self._expanded(q_nope, q_rot, c_kv, k_rot)
-        return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, -1))
+    def forward(self, x_TD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
+        T = x_TD.shape[0]
+        q_THX = self._q(x_TD).view(T, self.heads, self.nope + self.rope_dim)
+        c_kv_T, k_rot_T = torch.split(self.kv_a_proj_with_mqa(x_TD), [self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv_T = self.kv_a_layernorm(c_kv_T)[0]
+        outs = []
+        for q, c_kv, k_rot, cos, sin, cache in zip(*map(batch.split, (q_THX, c_kv_T, k_rot_T, *cos_sin)), batch.caches):
+            # one sequence as a batch of one: q [1, H, n, N + R]; latent and rope key as one shared head [1, 1, n, .]
+            q_nope, q_rot = torch.split(q.transpose(0, 1)[None], [self.nope, self.rope_dim], dim=-1)
+            q_rot = self.rope(q_rot, (cos[None], sin[None]))
+            c_kv, k_rot = c_kv[None, None], self.rope(k_rot[None, None], (cos[None], sin[None]))
+            if cache is not None:
+                c_kv, k_rot = cache.append_kv(self.layer_idx, c_kv, k_rot)
+            o = self._absorbed(q_nope, q_rot, c_kv, k_rot) if self.nx.absorb else self._expanded(q_nope, q_rot, c_kv, k_rot)
+            outs.append(o[0].transpose(0, 1))
+        return self.o_proj(torch.cat(outs).reshape(T, -1))
 
     def _expanded(self, q_nope, q_rot, c_kv, k_rot) -> torch.Tensor:
         B, _, L, _ = c_kv.shape

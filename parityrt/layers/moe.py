@@ -153,10 +153,9 @@ class DeepseekMoe(nn.Module):
         self.experts = Experts(hidden, inter, experts, dtype, quantized=quantized)
         self.shared_experts = MLP(hidden, inter * n_shared, dtype)
 
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
-        x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         w_TK, ids_TK = self.gate(x_TH)
-        return (self.experts(x_TH, w_TK, ids_TK) + self.shared_experts(x_TH)).view_as(x_BSH)
+        return self.experts(x_TH, w_TK, ids_TK) + self.shared_experts(x_TH)
 
 
 class Qwen35SparseMoe(nn.Module):
@@ -169,10 +168,8 @@ class Qwen35SparseMoe(nn.Module):
         self.shared_expert = MLP(hidden, shared_inter, dtype)
         self.shared_expert_gate = Linear(hidden, 1, dtype)
 
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
-        x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         shared_TH = self.shared_expert(x_TH)
         w_TK, ids_TK = self.gate(x_TH)
         routed_TH = self.experts(x_TH, w_TK, ids_TK)
-        out_TH = routed_TH + torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
-        return out_TH.view_as(x_BSH)
+        return routed_TH + torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
