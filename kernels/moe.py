@@ -26,24 +26,26 @@ def experts_ref(
     ids_TK: torch.Tensor,
     expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     fuse_gate_up: bool,
-) -> torch.Tensor:
-    """Unweighted expert outputs y_TKH: each (token, slot) pair through its expert's MLP, in the dtype of the
-    expert's weights (`expert_weights(e)` -> (gate_up_2IH, down_HI); x is cast to it).
-    Rows are grouped per expert in ascending id; each row's result does not depend on the grouping as long as
-    the GEMM is row-invariant (true for bf16 on CPU; the batch-invariant GEMM issue covers the GPU)."""
+    down: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None,
+) -> list[torch.Tensor]:
+    """Unweighted expert outputs: each (token, slot) pair through its expert's MLP, in the dtype of the expert's
+    weights (`expert_weights(e)` -> (gate_up_2IH, down_HI); x is cast to it). `down(h, W)` returns the down
+    projection as partials over shards of I (tensor parallel); by default one library GEMM. Returns one y_TKH
+    per partial. Rows are grouped per expert in ascending id; a row's result does not depend on the grouping as
+    long as the GEMM is row-invariant (true for bf16 on CPU; the batch-invariant GEMM issue covers the GPU)."""
     T, K = ids_TK.shape
+    down = down or (lambda h, w: [F.linear(h, w)])
     flat_ids_S = ids_TK.reshape(-1)
-    y_SH: torch.Tensor | None = None
+    y_PSH: list[torch.Tensor] = []
     for e in torch.unique(flat_ids_S).tolist():
         gate_up_2IH, down_HI = expert_weights(e)
         rows_S = (flat_ids_S == e).nonzero().squeeze(-1)
         h_SI = gate_up_silu(x_TH[rows_S // K].to(gate_up_2IH.dtype), gate_up_2IH, fuse_gate_up)
-        out_SH = F.linear(h_SI, down_HI)
-        if y_SH is None:
-            y_SH = out_SH.new_empty(T * K, out_SH.shape[-1])
-        y_SH[rows_S] = out_SH
-    assert y_SH is not None
-    return y_SH.view(T, K, -1)
+        for p, out_SH in enumerate(down(h_SI, down_HI)):
+            if len(y_PSH) <= p:
+                y_PSH.append(out_SH.new_empty(T * K, out_SH.shape[-1]))
+            y_PSH[p][rows_S] = out_SH
+    return [y.view(T, K, -1) for y in y_PSH]
 
 
 def combine_ref(

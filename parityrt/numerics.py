@@ -24,8 +24,11 @@ from torch import nn
 
 
 class Precision(str, Enum):
-    native = "native"  # whatever the HF reference does for this model
+    native = "native"  # whatever the HF reference does for this model (the model dtype)
     fp32 = "fp32"
+
+    def dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if self is Precision.fp32 else model_dtype
 
 
 class RouterDtype(str, Enum):
@@ -37,6 +40,23 @@ class RouterDtype(str, Enum):
 class DequantOrder(str, Enum):
     bf16 = "bf16"  # compressed-tensors: W = q.to(bf16)·scale rounded to bf16, then the bf16 expert path
     fp32 = "fp32"  # vLLM #31962: W = q·scale exact in fp32, fp32 GEMMs, router weight applied in fp32, one cast
+
+
+class TpReduce(str, Enum):
+    after_combine = "after_combine"
+    before_combine = "before_combine"
+
+
+class KOrder(str, Enum):
+    library = "library"  # one library GEMM per K shard
+    tree = "tree"  # TBIK: fixed K tiles reduced by one binary tree shared with the all-reduce
+
+
+class AllReduceAlgo(str, Enum):
+    nccl = "nccl"  # the communication library's own (real TP only)
+    ring = "ring"  # NCCL ring reduce-scatter order, emulated exactly
+    oneshot = "oneshot"  # r0 + r1 + ... + rN for every element
+    tree = "tree"  # balanced binary tree over the ranks (power-of-two sizes)
 
 
 class Combine(str, Enum):
@@ -78,6 +98,24 @@ class ExpertsNumerics:
     order: CombineOrder = CombineOrder.expert_id
     fuse_gate_up: bool = True  # transformers' experts run one GEMM over the stored [2I, H] gate_up tensor
     dequant: DequantOrder = DequantOrder.bf16  # INT4 experts only
+    # tensor parallel: all-reduce the combined MoE output (SGLang), or each expert's partial output before the
+    # combine so the per-expert K reduction completes first (needed for TP-invariant bits)
+    tp_reduce: TpReduce = TpReduce.after_combine
+
+
+@dataclass(slots=True, kw_only=True)
+class RowLinearNumerics:
+    k_order: KOrder = KOrder.library
+    tile_k: int = 64  # tree order: K tile width
+    tile_dtype: Precision = Precision.native  # the dtype each K block / tile GEMM result is rounded to
+    acc_dtype: Precision = Precision.fp32  # tree order: the inter-tile accumulation dtype
+
+
+@dataclass(slots=True, kw_only=True)
+class AllReduceNumerics:
+    algo: AllReduceAlgo = AllReduceAlgo.nccl
+    acc_dtype: Precision = Precision.fp32  # the dtype the reduction accumulates in
+    comm_dtype: Precision = Precision.native  # the dtype partials are rounded to before communication
 
 
 @dataclass(slots=True, kw_only=True)
@@ -127,6 +165,8 @@ class OpsNumerics:
     router: RouterNumerics = field(default_factory=RouterNumerics)
     experts: ExpertsNumerics = field(default_factory=ExpertsNumerics)
     mlp: MlpNumerics = field(default_factory=MlpNumerics)
+    row_linear: RowLinearNumerics = field(default_factory=RowLinearNumerics)
+    all_reduce: AllReduceNumerics = field(default_factory=AllReduceNumerics)
     norm: NormNumerics = field(default_factory=NormNumerics)
     gdn: GdnNumerics = field(default_factory=GdnNumerics)
     mla: MlaNumerics = field(default_factory=MlaNumerics)

@@ -147,7 +147,7 @@ def test_int4_experts_under_fp32_order_match_their_reference(int4_pair) -> None:
         ex = moe.experts
         W = lambda e: (ex.gate_up_packed[e], ex.gate_up_scale[e], ex.down_packed[e], ex.down_scale[e])
         weights = lambda e: (dequant_int4_ref(W(e)[0], W(e)[1], torch.float64).float(), dequant_int4_ref(W(e)[2], W(e)[3], torch.float64).float())
-        y = experts_ref(x, ids, weights, fuse_gate_up=True)
+        (y,) = experts_ref(x, ids, weights, fuse_gate_up=True)
     assert y.dtype == torch.float32 and w.dtype == torch.float32
     assert torch.equal(got, combine_ref(y, w, ids, "fp32_sum", "topk_slot", torch.bfloat16))
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from kernels.attention import eager_attention_ref, sdpa_attention
 from parityrt.layers.cache import ForwardBatch
-from parityrt.layers.linear import Linear
+from parityrt.layers.linear import ColumnParallelLinear, RowParallelLinear
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import ApplyRope
 from parityrt.numerics import AttentionImpl, AttentionNumerics
@@ -33,11 +33,15 @@ class GatedAttention(nn.Module):
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, layer_idx: int, dtype: torch.dtype):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.layer_idx = heads, kv_heads, head_dim, layer_idx
-        self.q_proj = Linear(hidden, heads * head_dim * 2, dtype)
-        self.k_proj = Linear(hidden, kv_heads * head_dim, dtype)
-        self.v_proj = Linear(hidden, kv_heads * head_dim, dtype)
-        self.o_proj = Linear(heads * head_dim, hidden, dtype)
+        self.head_dim, self.layer_idx = head_dim, layer_idx
+        # tensor parallel: whole heads per rank (each head's [query | gate] rows are contiguous); KV heads are
+        # replicated when there are fewer of them than ranks
+        self.q_proj = ColumnParallelLinear(hidden, [heads * head_dim * 2], dtype, units=[2 * head_dim])
+        self.k_proj = ColumnParallelLinear(hidden, [kv_heads * head_dim], dtype, units=[head_dim])
+        self.v_proj = ColumnParallelLinear(hidden, [kv_heads * head_dim], dtype, units=[head_dim])
+        self.o_proj = RowParallelLinear(heads * head_dim, hidden, dtype)
+        self.heads = self.q_proj.local_sizes[0] // (2 * head_dim)
+        self.kv_heads = self.k_proj.local_sizes[0] // head_dim
         self.q_norm = RMSNorm(head_dim, eps, zero_centred=True, dtype=dtype)
         self.k_norm = RMSNorm(head_dim, eps, zero_centred=True, dtype=dtype)
         self.rope = ApplyRope()

@@ -6,7 +6,7 @@ from torch import nn
 
 from kernels.gdn import causal_conv1d_ref, chunked_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
 from parityrt.layers.cache import ForwardBatch, StateCache
-from parityrt.layers.linear import Linear, default_weight_loader, make_param
+from parityrt.layers.linear import ColumnParallelLinear, PartsLoader, RowParallelLinear, make_param
 from parityrt.layers.norm import GatedRMSNorm
 from parityrt.numerics import GdnAlgo, GdnNumerics
 
@@ -19,18 +19,21 @@ class GatedDeltaNet(nn.Module):
 
     def __init__(self, hidden: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, conv_kernel: int, eps: float, layer_idx: int, dtype: torch.dtype):
         super().__init__()
-        self.k_heads, self.v_heads, self.k_dim, self.v_dim, self.layer_idx = k_heads, v_heads, k_dim, v_dim, layer_idx
-        self.key_size, self.value_size = k_heads * k_dim, v_heads * v_dim
-        conv_dim = 2 * self.key_size + self.value_size
-        self.in_proj_qkv = Linear(hidden, conv_dim, dtype)
-        self.in_proj_z = Linear(hidden, self.value_size, dtype)
-        self.in_proj_b = Linear(hidden, v_heads, dtype)
-        self.in_proj_a = Linear(hidden, v_heads, dtype)
-        self.conv_weight = make_param(conv_dim, conv_kernel, dtype=dtype, loader=_conv_loader)
-        self.A_log = make_param(v_heads, dtype=dtype)
-        self.dt_bias = make_param(v_heads, dtype=dtype)
+        self.k_dim, self.v_dim, self.layer_idx = k_dim, v_dim, layer_idx
+        # tensor parallel: heads split across ranks in each of the q | k | v blocks (key heads replicated when
+        # there are fewer than ranks: value head j reads key head j // (v_heads / k_heads), which stays local)
+        qkv_parts, qkv_units = [k_heads * k_dim, k_heads * k_dim, v_heads * v_dim], [k_dim, k_dim, v_dim]
+        self.in_proj_qkv = ColumnParallelLinear(hidden, qkv_parts, dtype, units=qkv_units)
+        self.key_size, _, self.value_size = self.in_proj_qkv.local_sizes
+        self.k_heads, self.v_heads = self.key_size // k_dim, self.value_size // v_dim
+        self.in_proj_z = ColumnParallelLinear(hidden, [v_heads * v_dim], dtype, units=[v_dim])
+        self.in_proj_b = ColumnParallelLinear(hidden, [v_heads], dtype)
+        self.in_proj_a = ColumnParallelLinear(hidden, [v_heads], dtype)
+        self.conv_weight = make_param(sum(self.in_proj_qkv.local_sizes), conv_kernel, dtype=dtype, loader=_ConvLoader(qkv_parts, qkv_units))
+        self.A_log = make_param(self.v_heads, dtype=dtype, loader=PartsLoader([v_heads], [1]))
+        self.dt_bias = make_param(self.v_heads, dtype=dtype, loader=PartsLoader([v_heads], [1]))
         self.norm = GatedRMSNorm(v_dim, eps, dtype)
-        self.out_proj = Linear(self.value_size, hidden, dtype)
+        self.out_proj = RowParallelLinear(v_heads * v_dim, hidden, dtype)
         self.nx = GdnNumerics()
 
     def forward(self, x_TH: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -62,8 +65,10 @@ class GatedDeltaNet(nn.Module):
         return o[0]
 
 
-def _conv_loader(param: nn.Parameter, loaded: torch.Tensor, shard: None = None) -> None:
-    # checkpoints store the depthwise conv as nn.Conv1d does: [C, 1, K]
-    if loaded.dim() == 3 and loaded.shape[1] == 1:
-        loaded = loaded.squeeze(1)
-    default_weight_loader(param, loaded, shard)
+class _ConvLoader(PartsLoader):
+    """The depthwise conv is stored as nn.Conv1d stores it, [C, 1, K]; its channels follow in_proj_qkv's split."""
+
+    def __call__(self, param: nn.Parameter, loaded: torch.Tensor, shard=None) -> None:
+        if loaded.dim() == 3 and loaded.shape[1] == 1:
+            loaded = loaded.squeeze(1)
+        super().__call__(param, loaded, shard)

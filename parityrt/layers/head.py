@@ -4,35 +4,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parityrt.layers.linear import make_param
+import torch.distributed as dist
+
+from parityrt.distributed import get_tp
+from parityrt.layers.linear import PartsLoader, make_param
 from parityrt.numerics import LmHeadNumerics, LogprobFormula, LogprobNumerics, Precision
 
 
 class Embedding(nn.Module):
+    """Vocab-parallel embedding: each rank holds a contiguous slice of rows. Every token's row comes from exactly
+    one rank, selected (not summed) after an all-gather, so the result is bit-identical to one whole table."""
+
     def __init__(self, vocab: int, hidden: int, dtype: torch.dtype):
         super().__init__()
-        self.weight = make_param(vocab, hidden, dtype=dtype)
+        self.vocab = vocab
+        loader = PartsLoader([vocab], [1])
+        self.start, self.tp = loader.ranges[0][0], get_tp()
+        self.weight = make_param(loader.local_sizes[0], hidden, dtype=dtype, loader=loader)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.weight.shape[0]):
-            raise ValueError(f"token id out of range [0, {self.weight.shape[0]})")
-        return F.embedding(ids, self.weight)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
+            raise ValueError(f"token id out of range [0, {self.vocab})")
+        tp = self.tp
+        if tp.local_parts == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        gathered = [torch.empty_like(out) for _ in range(tp.size)]
+        dist.all_gather(gathered, out)
+        owner = ids // self.weight.shape[0]
+        assert bool(mine.eq(owner == tp.rank).all())
+        return torch.stack(gathered).gather(0, owner.view(1, -1, 1).expand(1, -1, out.shape[-1]))[0]
 
 
 class LMHead(nn.Module):
-    """Logits = h·Wᵀ. native: in the model dtype (transformers); fp32: fp32 GEMM over upcast h and W."""
+    """Logits = h·Wᵀ. native: in the model dtype (transformers); fp32: fp32 GEMM over upcast h and W.
+    Vocab-parallel: each rank computes its slice of the vocabulary; the slices are gathered (exact)."""
 
     numerics_op = "lm_head"
 
     def __init__(self, vocab: int, hidden: int, dtype: torch.dtype):
         super().__init__()
-        self.weight = make_param(vocab, hidden, dtype=dtype)
+        loader = PartsLoader([vocab], [1])
+        self.weight = make_param(loader.local_sizes[0], hidden, dtype=dtype, loader=loader)
+        self.tp = get_tp()
         self.nx = LmHeadNumerics()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.nx.dtype == Precision.fp32:
-            return F.linear(h.float(), self.weight.float())
-        return F.linear(h, self.weight)
+            logits = F.linear(h.float(), self.weight.float())
+        else:
+            logits = F.linear(h, self.weight)
+        tp = self.tp
+        if tp.local_parts == 1:
+            return logits
+        gathered = [torch.empty_like(logits) for _ in range(tp.size)]
+        dist.all_gather(gathered, logits.contiguous())
+        return torch.cat(gathered, dim=-1)
 
 
 class Logprobs(nn.Module):

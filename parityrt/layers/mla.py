@@ -8,7 +8,7 @@ from torch import nn
 
 from parityrt.layers.attention import Attention
 from parityrt.layers.cache import ForwardBatch
-from parityrt.layers.linear import Linear
+from parityrt.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import ApplyRope
 from parityrt.numerics import MlaNumerics
@@ -25,18 +25,21 @@ class MLAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, q_lora_rank: int | None, kv_lora_rank: int, nope: int, rope: int,
                  v_dim: int, scale: float, latent_eps: float, layer_idx: int, dtype: torch.dtype):
         super().__init__()
-        self.heads, self.nope, self.rope_dim, self.v_dim, self.kv_lora_rank = heads, nope, rope, v_dim, kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim, self.kv_lora_rank = nope, rope, v_dim, kv_lora_rank
         self.layer_idx = layer_idx
+        # tensor parallel: the low-rank down-projections and the latent are replicated; heads are split
+        q_out = ([heads * (nope + rope)], [nope + rope])
         if q_lora_rank is None:
-            self.q_proj = Linear(hidden, heads * (nope + rope), dtype)
+            self.q_proj = ColumnParallelLinear(hidden, q_out[0], dtype, units=q_out[1])
         else:
             self.q_a_proj = Linear(hidden, q_lora_rank, dtype)
             self.q_a_layernorm = RMSNorm(q_lora_rank, latent_eps, zero_centred=False, dtype=dtype)
-            self.q_b_proj = Linear(q_lora_rank, heads * (nope + rope), dtype)
+            self.q_b_proj = ColumnParallelLinear(q_lora_rank, q_out[0], dtype, units=q_out[1])
         self.kv_a_proj_with_mqa = Linear(hidden, kv_lora_rank + rope, dtype)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, latent_eps, zero_centred=False, dtype=dtype)
-        self.kv_b_proj = Linear(kv_lora_rank, heads * (nope + v_dim), dtype)
-        self.o_proj = Linear(heads * v_dim, hidden, dtype)
+        self.kv_b_proj = ColumnParallelLinear(kv_lora_rank, [heads * (nope + v_dim)], dtype, units=[nope + v_dim])
+        self.o_proj = RowParallelLinear(heads * v_dim, hidden, dtype)
+        self.heads = self.kv_b_proj.local_sizes[0] // (nope + v_dim)
         self.rope = ApplyRope(interleaved=True)
         self.attn = Attention(scale)
         self.nx = MlaNumerics()

@@ -8,19 +8,21 @@ from torch import nn
 
 from kernels.int4 import dequant_int4_ref
 from kernels.moe import combine_ref, experts_ref, gate_up_silu
-from parityrt.layers.linear import Linear, make_param, stacked_weight_loader
-from parityrt.numerics import DequantOrder, ExpertsNumerics, MlpNumerics, RouterDtype, RouterNumerics
+from parityrt.layers.linear import AllReduce, Linear, PartsLoader, RowParallelLinear, RowParallelMatmul, make_param
+from parityrt.numerics import DequantOrder, ExpertsNumerics, MlpNumerics, RouterDtype, RouterNumerics, TpReduce
 
 
 class MLP(nn.Module):
-    """down(silu(gate(x))·up(x)); gate and up live in one [2I, H] parameter, loaded from two checkpoint tensors."""
+    """down(silu(gate(x))·up(x)); gate and up live in one [2I, H] parameter (column-parallel over I, this rank's
+    gate rows then its up rows), loaded from two checkpoint tensors; down is row-parallel."""
 
     numerics_op = "mlp"
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
         super().__init__()
-        self.gate_up_proj = make_param(2 * inter, hidden, dtype=dtype, loader=stacked_weight_loader([inter, inter]))
-        self.down_proj = Linear(inter, hidden, dtype)
+        loader = PartsLoader([inter, inter], [1, 1])
+        self.gate_up_proj = make_param(sum(loader.local_sizes), hidden, dtype=dtype, loader=loader)
+        self.down_proj = RowParallelLinear(inter, hidden, dtype)
         self.nx = MlpNumerics()
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
@@ -100,16 +102,22 @@ class Experts(nn.Module):
     def __init__(self, hidden: int, inter: int, experts: int, dtype: torch.dtype, quantized: bool = False, group: int = 32):
         super().__init__()
         self.quantized = quantized
+        # tensor parallel: every rank holds all experts, split along I (gate/up rows, down columns), as SGLang does
+        gate_up = PartsLoader([inter, inter], [1, 1], dim=1)
+        i_local = gate_up.local_sizes[0]
         if quantized:
-            if hidden % group or inter % group:
-                raise ValueError(f"INT4 experts need hidden ({hidden}) and intermediate ({inter}) divisible by group {group}")
-            self.gate_up_packed = make_param(experts, 2 * inter, hidden // 8, dtype=torch.int32, loader=_expert_loader(inter))
-            self.gate_up_scale = make_param(experts, 2 * inter, hidden // group, dtype=dtype, loader=_expert_loader(inter))
-            self.down_packed = make_param(experts, hidden, inter // 8, dtype=torch.int32, loader=_expert_loader(None))
-            self.down_scale = make_param(experts, hidden, inter // group, dtype=dtype, loader=_expert_loader(None))
+            if hidden % group or i_local % group:
+                raise ValueError(f"INT4 experts need hidden ({hidden}) and the per-rank intermediate ({i_local}) divisible by group {group}")
+            scales = PartsLoader([inter, inter], [1, 1], dim=1)
+            self.gate_up_packed = make_param(experts, 2 * i_local, hidden // 8, dtype=torch.int32, loader=gate_up)
+            self.gate_up_scale = make_param(experts, 2 * i_local, hidden // group, dtype=dtype, loader=scales)
+            self.down_packed = make_param(experts, hidden, i_local // 8, dtype=torch.int32, loader=PartsLoader([inter // 8], [1], dim=2))
+            self.down_scale = make_param(experts, hidden, i_local // group, dtype=dtype, loader=PartsLoader([inter // group], [1], dim=2))
         else:
-            self.gate_up_proj = make_param(experts, 2 * inter, hidden, dtype=dtype, loader=_expert_loader(inter))
-            self.down_proj = make_param(experts, hidden, inter, dtype=dtype, loader=_expert_loader(None))
+            self.gate_up_proj = make_param(experts, 2 * i_local, hidden, dtype=dtype, loader=gate_up)
+            self.down_proj = make_param(experts, hidden, i_local, dtype=dtype, loader=PartsLoader([inter], [1], dim=2))
+        self.down = RowParallelMatmul()
+        self.reduce = AllReduce()
         self.nx = ExpertsNumerics()
 
     def _weights(self, dtype: torch.dtype):
@@ -122,25 +130,17 @@ class Experts(nn.Module):
         )
 
     def forward(self, x_TH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        y_TKH = experts_ref(x_TH, ids_TK, self._weights(x_TH.dtype), self.nx.fuse_gate_up)
-        return combine_ref(y_TKH, w_TK, ids_TK, self.nx.combine.value, self.nx.order.value, x_TH.dtype)
-
-
-def _expert_loader(inter: int | None):
-    """Fused tensors ([E, ...], shard None) or one expert's tensor (shard = (expert, part), part 0 gate, 1 up)."""
-
-    def load(param: nn.Parameter, loaded: torch.Tensor, shard=None) -> None:
-        target = param.data
-        if shard is not None:
-            expert, part = shard
-            target = target[expert]
-            if part is not None:
-                target = target.narrow(0, part * inter, inter)
-        if tuple(loaded.shape) != tuple(target.shape):
-            raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects {tuple(target.shape)}")
-        target.copy_(loaded)
-
-    return load
+        tp = self.down.tp
+        down = None if self.down.plain else self.down.partials
+        y_P = experts_ref(x_TH, ids_TK, self._weights(x_TH.dtype), self.nx.fuse_gate_up, down)
+        wdtype = torch.float32 if self.quantized and self.nx.dequant == DequantOrder.fp32 else x_TH.dtype
+        combine = lambda y: combine_ref(y, w_TK, ids_TK, self.nx.combine.value, self.nx.order.value, x_TH.dtype)
+        if tp.size == 1:
+            return combine(y_P[0].to(wdtype))
+        if self.nx.tp_reduce == TpReduce.before_combine:
+            # each expert's K (= I) reduction completes across ranks first, so the combine sees TP=1's values
+            return combine(self.reduce(y_P, wdtype).to(wdtype))
+        return self.reduce([combine(y.to(wdtype)) for y in y_P], x_TH.dtype).to(x_TH.dtype)
 
 
 class DeepseekMoe(nn.Module):
