@@ -35,6 +35,11 @@ class ModelConfig:
 @dataclass(slots=True, kw_only=True)
 class ParallelConfig:
     tp_size: int = 1
+    # virtual TP: one process computes every row-parallel layer as tp_size partial products over the K shards
+    # real TP would use and reduces them with the configured all-reduce, to study TP=N numerics on one device
+    virtual: bool = False
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    timeout_s: int = 120  # a collective that waits longer than this fails the job instead of hanging
 
 
 @dataclass(slots=True, kw_only=True)

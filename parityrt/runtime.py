@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ from torch import nn
 from parityrt.config import RunConfig
 from parityrt.numerics import apply_process_settings, bind, write_resolved
 from parityrt.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer
-from parityrt.weights import build_model
+from parityrt.distributed import TPInfo, is_power_of_two, tp_context
+from parityrt.tp_runner import TPDriver, load_tp_model
+from parityrt.weights import build_model, ensure_generated_checkpoint
 
 
 @dataclass(slots=True)
@@ -29,16 +32,31 @@ class Runtime:
 
 
 def load_runtime(run: RunConfig) -> Runtime:
-    if run.parallel.tp_size != 1:
-        raise ValueError("parallel.tp_size > 1 needs the tensor-parallel runtime (not part of this build yet)")
+    """The model for this config: plain, virtual TP (one process) or real TP (rank 0's driver; the other ranks
+    serve inside this call until the driver stops them)."""
+    p = run.parallel
+    if p.tp_size < 1 or (p.tp_size > 1 and not is_power_of_two(p.tp_size)):
+        raise ValueError(f"parallel.tp_size must be a power of two, got {p.tp_size}")
     apply_process_settings(run.numerics)
-    model, ckpt = build_model(run.model)
-    table = bind(model, run.numerics)
+    ckpt = Path(run.model.path).expanduser() if run.model.path else ensure_generated_checkpoint(run.model)
+    model_cfg = dataclasses.replace(run.model, path=str(ckpt))
+    if p.tp_size > 1 and not p.virtual:
+        model = load_tp_model(dataclasses.replace(run, model=model_cfg))
+        table = bind(model.model, run.numerics)
+    else:
+        with tp_context(TPInfo(rank=0, size=p.tp_size, virtual=p.virtual)):
+            model, _ = build_model(model_cfg)
+        table = bind(model, run.numerics)
     tok_dir = run.model.tokenizer_path or (ckpt if (ckpt / "tokenizer.json").is_file() else DEFAULT_TOKENIZER_DIR)
     tokenizer = Tokenizer.from_dir(tok_dir)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ValueError(f"tokenizer {tok_dir} has {tokenizer.vocab_size} tokens, the model only {model.args.vocab_size}")
     return Runtime(model, tokenizer, ckpt, table)
+
+
+def close_runtime(rt: Runtime) -> None:
+    if isinstance(rt.model, TPDriver):
+        rt.model.close()
 
 
 def write_run_files(run_dir: Path, run: RunConfig, rt: Runtime) -> None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from parityrt.config import to_run_config
 from parityrt.generation import Generator, parse_request
-from parityrt.runtime import load_runtime, write_run_files
+from parityrt.runtime import close_runtime, load_runtime, write_run_files
 
 
 def read_requests(path: Path) -> list[dict]:
@@ -62,6 +62,7 @@ def main(cfg: DictConfig) -> None:
             f.write(json.dumps(response) + "\n")
             if run.engine.dump_logits:
                 dumps[req.rid] = logits
+    close_runtime(rt)
     if dumps:
         torch.save(dumps, run_dir / "logits.pt")
     print(f"wrote {len(requests)} responses to {out_path} (run directory {run_dir})", file=sys.stderr)

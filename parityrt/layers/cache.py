@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class StateCache:
     """One sequence's decoding state: attention K/V (or the MLA latent), GDN conv and recurrent state."""
 
