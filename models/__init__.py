@@ -12,3 +12,11 @@ ARCHITECTURES = {
     "KimiK25ForConditionalGeneration": (KimiK25ForCausalLM, KimiK25Args),
     "Kimi_K25ForConditionalGeneration": (KimiK25ForCausalLM, KimiK25Args),
 }
+# config.json files written without `architectures` (e.g. a bare config.save_pretrained) still name a model_type
+MODEL_TYPES = {
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "kimi_k2": "DeepseekV3ForCausalLM",
+    "kimi_k25": "KimiK25ForConditionalGeneration",
+}

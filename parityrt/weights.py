@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from models import ARCHITECTURES
+from models import ARCHITECTURES, MODEL_TYPES
 from parityrt.config import ModelConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -39,7 +39,7 @@ def read_hf_config(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def architecture(cfg: dict[str, Any], where: Path) -> tuple[type, type]:
-    names = cfg.get("architectures") or []
+    names = cfg.get("architectures") or [MODEL_TYPES.get(cfg.get("model_type", ""), "")]
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]

@@ -48,3 +48,17 @@ def test_knob_override_from_command_line() -> None:
     run = _compose(["numerics=engine_fast", "numerics.ops.experts.combine=index_add_bf16"])
     assert run.numerics.ops.experts.combine.value == "index_add_bf16"
     assert run.numerics.ops.norm.fuse_residual is True
+
+
+@pytest.mark.parametrize("name,billions", [("kimi_k25_slice", 8.77), ("qwen3_5_moe_slice", 5.77)])
+def test_slice_configs_have_real_dimensions(name: str, billions: float) -> None:
+    """The GPU slice configs build (on the meta device: no memory) with the parameter counts of architectures.md."""
+    import torch
+
+    from parityrt.weights import architecture
+
+    cfg = _compose([f"model={name}"]).model.hf_config
+    cls, args_cls = architecture(cfg, CONF)
+    with torch.device("meta"):
+        model = cls(args_cls.from_hf(cfg), torch.bfloat16)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions

@@ -174,3 +174,37 @@ def test_generate_script_runs_kimi(tmp_path, cache_dir) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4 and all(r["meta_info"]["completion_tokens"] == len(r["output_ids"]) for r in records)
+
+
+@pytest.mark.parametrize("preset,experts", PAIRS)
+def test_matches_the_kimi_k25_wrapper(tmp_path, preset, experts) -> None:
+    """transformers' Kimi_K25ForConditionalGeneration (text path; the vision tower's tensors are skipped by us)."""
+    from safetensors.torch import save_file
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    from parityrt.weights import init_tensor
+
+    text = {k: v for k, v in CFG.items() if k != "architectures"}
+    vision = {"patch_size": 14, "pos_emb_height": 16, "pos_emb_width": 16, "pos_emb_time": 4, "num_attention_heads": 4,
+              "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "merge_kernel_size": [2, 2]}
+    cfg = Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=64, image_token_id=2000,
+                         video_token_id=2001, tie_word_embeddings=False)  # the wrapper config defaults to tied
+    hf = Kimi_K25ForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(init_tensor(name.removeprefix("model.language_model."), tuple(p.shape), gen, 1.0))
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    hf.config.save_pretrained(tmp_path)  # transformers' in-memory names; the router bias stays fp32
+    save_file({k: (v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)).contiguous()
+               for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    ids = _ids(2, 30)
+    ref_model = Kimi_K25ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
+    ref_model.model.language_model.set_experts_implementation(experts)
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids).logits
+    ours, _ = build_model(ModelConfig(name="k", path=str(tmp_path)))
+    bind(ours, load_preset(preset))
+    assert torch.equal(_logits(ours, ids), ref)
