@@ -1,0 +1,204 @@
+"""Teacher-forced scoring: fixed token sequences through one model under several numerics policies.
+
+Every policy scores the *same* tokens (typically prompt + the reference's outputs) with one full-sequence forward,
+so a token that one policy would have sampled differently cannot cascade into different contexts: each position's
+drift is the drift of that position alone. The model is built once; `bind` switches the policy between forwards.
+Sequences are processed a chunk at a time and every candidate is compared with the reference on that chunk right
+away, so memory holds one chunk's logprobs and router inputs, not the whole set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from parityrt.layers.cache import ForwardBatch
+from parityrt.numerics import NumericsPolicy, apply_process_settings
+from parityrt.parity import metrics as M
+from parityrt.parity.policies import bind_policy
+from parityrt.parity.routing import RouterCapture
+
+
+@dataclass(slots=True, kw_only=True)
+class TokenSequence:
+    """Token ids to score; tokens[score_from:] are the scored tokens (each predicted from all tokens before it)."""
+
+    rid: str
+    ids: list[int]
+    score_from: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.score_from < len(self.ids):
+            raise ValueError(f"{self.rid}: score_from must be in [1, {len(self.ids)}), got {self.score_from}")
+
+    @property
+    def rows(self) -> slice:
+        """Rows of the sequence's logits [len, V] that predict the scored tokens (row r predicts token r + 1)."""
+        return slice(self.score_from - 1, len(self.ids) - 1)
+
+
+@dataclass(slots=True, kw_only=True)
+class Scored:
+    """One sequence under one policy, restricted to the N scored positions."""
+
+    logp_NV: torch.Tensor  # fp32 logprobs from the policy's own logprobs op
+    token_logp_N: torch.Tensor  # logprob of the actual next token
+    ids_NK: dict[str, torch.Tensor]  # per router: expert ids chosen at each scored position
+    router_in_NH: dict[str, torch.Tensor]  # per router: its input hidden state at each scored position
+
+
+@torch.inference_mode()
+def score(model: nn.Module, policy: NumericsPolicy, seqs: list[TokenSequence],
+          batch_size: int = 1) -> tuple[list[Scored], float]:
+    """Score `seqs` under `policy`, `batch_size` sequences per forward (laid end to end in one ForwardBatch, no
+    padding). Returns the results and the seconds spent in the forwards."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    apply_process_settings(policy)
+    bind_policy(model, policy)
+    device = next(model.parameters()).device
+    out: list[Scored] = []
+    seconds = 0.0
+    with RouterCapture(model, keep_inputs=True) as cap:
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start : start + batch_size]
+            lens = [len(s.ids) for s in batch]
+            ids_T = torch.tensor([t for s in batch for t in s.ids], device=device)
+            pos_T = torch.cat([torch.arange(n) for n in lens]).to(device)
+            cap.clear()
+            t0 = time.perf_counter()
+            logp_TV = model.logprobs(model.compute_logits(model(ids_T, pos_T, ForwardBatch(lens, [None] * len(batch)))))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not the launches
+            seconds += time.perf_counter() - t0
+            routing = {name: _per_sequence(calls, lens, name) for name, calls in cap.ids.items()}
+            router_in = {name: _per_sequence(calls, lens, name) for name, calls in cap.inputs.items()}
+            for b, (s, logp_SV) in enumerate(zip(batch, logp_TV.split(lens))):
+                logp_NV = logp_SV[s.rows].float().cpu()
+                targets_N = torch.tensor(s.ids[s.score_from :])
+                out.append(Scored(
+                    logp_NV=logp_NV,
+                    token_logp_N=logp_NV.gather(1, targets_N[:, None]).squeeze(1),
+                    ids_NK={name: per_seq[b][s.rows].cpu() for name, per_seq in routing.items()},
+                    router_in_NH={name: per_seq[b][s.rows].cpu() for name, per_seq in router_in.items()},
+                ))
+    return out, seconds
+
+
+def _per_sequence(calls: list[torch.Tensor], lens: list[int], name: str) -> tuple[torch.Tensor, ...]:
+    """A router's one call per forward, over all T = sum(lens) tokens end to end -> one tensor per sequence."""
+    if len(calls) != 1 or calls[0].shape[0] != sum(lens):
+        shapes = [tuple(c.shape) for c in calls]
+        raise RuntimeError(f"router {name}: expected one call over {sum(lens)} tokens per forward, got calls {shapes}")
+    return calls[0].split(lens)
+
+
+@dataclass(slots=True, kw_only=True)
+class PolicyDrift:
+    """Teacher-forced drift of one candidate policy against the reference on the same tokens."""
+
+    token: M.TokenDrift
+    vocab: M.VocabDrift
+    routing: M.RoutingDrift | None  # None for a model without routers
+    hidden_rel_rms: list[float]  # per router layer: relative RMS drift of the hidden state entering the MoE block
+    # per sequence: index (among its scored tokens) of the first position whose greedy token flips; None: none does
+    first_argmax_flip: list[int | None]
+    tokens_forwarded: int  # per candidate pass: every position of every sequence
+    score_tokens_per_s: float  # candidate forward throughput at its batch size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Accumulator:
+    """Per-position vectors of one candidate, gathered chunk by chunk."""
+
+    layers: list[str]
+    logp_a: list[torch.Tensor] = field(default_factory=list)
+    logp_b: list[torch.Tensor] = field(default_factory=list)
+    kl: list[torch.Tensor] = field(default_factory=list)
+    top5: list[torch.Tensor] = field(default_factory=list)
+    flips: list[torch.Tensor] = field(default_factory=list)
+    routing_flips: list[torch.Tensor] = field(default_factory=list)  # [L, N] per sequence
+    first_flip: list[int | None] = field(default_factory=list)
+    diff_sq: list[float] = field(init=False)  # per layer: Σ (x_B − x_A)² of the router inputs
+    ref_sq: list[float] = field(init=False)  # per layer: Σ x_A²
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.diff_sq = [0.0] * len(self.layers)
+        self.ref_sq = [0.0] * len(self.layers)
+
+    def add(self, ref: Scored, cand: Scored) -> None:
+        self.logp_a.append(ref.token_logp_N)
+        self.logp_b.append(cand.token_logp_N)
+        self.kl.append(M.kl_per_position(ref.logp_NV, cand.logp_NV))
+        self.top5.append(M.topk_prob_divergence(ref.logp_NV, cand.logp_NV))
+        flips_N = M.argmax_flips(ref.logp_NV, cand.logp_NV)
+        self.flips.append(flips_N)
+        self.first_flip.append(int(flips_N.nonzero()[0, 0]) if flips_N.any() else None)
+        if self.layers:
+            self.routing_flips.append(torch.stack([M.routing_flips(ref.ids_NK[n], cand.ids_NK[n]) for n in self.layers]))
+        for i, n in enumerate(self.layers):
+            x_a, x_b = ref.router_in_NH[n].double(), cand.router_in_NH[n].double()
+            self.diff_sq[i] += (x_b - x_a).square().sum().item()
+            self.ref_sq[i] += x_a.square().sum().item()
+
+    def result(self) -> PolicyDrift:
+        return PolicyDrift(
+            token=M.token_drift(torch.cat(self.logp_a), torch.cat(self.logp_b)),
+            vocab=M.vocab_drift(torch.cat(self.kl), torch.cat(self.top5), torch.cat(self.flips)),
+            routing=M.routing_drift(self.layers, torch.cat(self.routing_flips, dim=1)) if self.layers else None,
+            hidden_rel_rms=[M.relative_rms(d, r) for d, r in zip(self.diff_sq, self.ref_sq)],
+            first_argmax_flip=self.first_flip,
+            tokens_forwarded=self.tokens,
+            score_tokens_per_s=self.tokens / self.seconds if self.seconds > 0 else float("nan"),
+        )
+
+
+def compare_policies(
+    model: nn.Module,
+    reference: NumericsPolicy,
+    candidates: dict[str, NumericsPolicy],
+    seqs: list[TokenSequence],
+    *,
+    batch_size: int = 1,
+    reference_batch_size: int = 1,
+    reference_model: nn.Module | None = None,
+    progress: bool = False,
+    desc: str = "teacher-forced",
+) -> dict[str, PolicyDrift]:
+    """Drift of every candidate against the reference, each scoring `seqs` teacher-forced. The reference runs at
+    `reference_batch_size`, the candidates at `batch_size` (so a batch-size change is itself a measurable drift),
+    and on `reference_model` when given (the same checkpoint in another parallel layout, e.g. TP=1 for a vTP=4
+    candidate model). The models are left bound to the last policy each scored."""
+    if not seqs:
+        raise ValueError("compare_policies: no sequences to score")
+    reference_model = model if reference_model is None else reference_model
+    layers = RouterCapture(model).layers
+    if RouterCapture(reference_model).layers != layers:
+        raise ValueError("compare_policies: the reference model's routers are not the candidate model's")
+    acc = {name: _Accumulator(layers) for name in candidates}
+    chunk = max(batch_size, reference_batch_size)
+    steps = -(-len(seqs) // chunk) * (len(candidates) + 1)
+    with tqdm(total=steps, desc=desc, unit="pass", disable=not progress) as bar:
+        for start in range(0, len(seqs), chunk):
+            part = seqs[start : start + chunk]
+            ref, _ = score(reference_model, reference, part, reference_batch_size)
+            bar.update()
+            for name, policy in candidates.items():
+                cand, seconds = score(model, policy, part, batch_size)
+                a = acc[name]
+                a.seconds += seconds
+                a.tokens += sum(len(s.ids) for s in part)
+                for r, c in zip(ref, cand):
+                    a.add(r, c)
+                bar.update()
+    return {name: a.result() for name, a in acc.items()}
