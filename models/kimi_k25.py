@@ -17,6 +17,7 @@ from parityrt.layers.mla import MLAttention
 from parityrt.layers.moe import MLP, DeepseekMoe
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import RotaryEmbedding
+from parityrt.layers.sampler import Sampler
 
 # transformers' DeepseekV3RMSNorm default: q_a_layernorm and kv_a_layernorm are built without config.rms_norm_eps
 HF_LATENT_NORM_EPS = 1e-6
@@ -125,6 +126,7 @@ class KimiK25ForCausalLM(nn.Module):
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, zero_centred=False, dtype=dtype)
         self.lm_head = LMHead(a.vocab_size, a.hidden_size, dtype)
         self.logprobs = Logprobs()
+        self.sampler = Sampler()
 
     def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, H] of the batch's new tokens at positions pos_T."""

@@ -16,6 +16,7 @@ from parityrt.layers.head import Embedding, Logprobs, LMHead
 from parityrt.layers.moe import Qwen35SparseMoe
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import MRotaryEmbedding
+from parityrt.layers.sampler import Sampler
 
 
 @dataclass(slots=True, kw_only=True)
@@ -111,6 +112,7 @@ class Qwen35MoeForCausalLM(nn.Module):
         self.rotary = MRotaryEmbedding(rot, a.rope_theta, a.mrope_section, a.mrope_interleaved)
         self.lm_head = LMHead(a.vocab_size, a.hidden_size, dtype)
         self.logprobs = Logprobs()
+        self.sampler = Sampler()
 
     def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, H] of the batch's new tokens at positions pos_T (text: the same position on

@@ -44,16 +44,28 @@ class ParallelConfig:
 
 @dataclass(slots=True, kw_only=True)
 class EngineConfig:
-    max_seq_len: int = 4096
+    max_seq_len: int = 4096  # context length: prompt + generated tokens of one request
     # Dump full-vocabulary logits into the run directory (short runs only: parity tooling reads them).
     dump_logits: bool = False
+    page_size: int = 16  # tokens per KV page
+    # KV token slots of the page pool (every attention layer); when they run out, the newest request is preempted
+    # and waits. Must hold one request of max_seq_len tokens.
+    max_total_tokens: int = 32768
+    max_running_requests: int = 32  # also the number of GDN state slots
+    chunked_prefill_size: int = 512  # new tokens per step (prefill chunks and decodes together)
+    # Pad steps and pin attention kernels so that a row's bits do not depend on the batch's shape (CPU: see
+    # parityrt/engine/model_runner.py). null: on when the policy samples with seeded Gumbel-max (invariant presets).
+    shape_stable_kernels: bool | None = None
 
 
 @dataclass(slots=True, kw_only=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: str | None = None
+    api_key: str | None = None  # when set, every route but /health* needs `Authorization: Bearer <key>`
+    served_model_name: str | None = None  # null: the checkpoint path, as SGLang does
+    weight_version: str = "default"
+    log_level: str = "warning"
 
 
 @dataclass(slots=True, kw_only=True)

@@ -86,6 +86,11 @@ class LogprobFormula(str, Enum):
     log_of_softmax = "log_of_softmax"  # log(softmax(logits / T)): what some trainers compute
 
 
+class SamplingMethod(str, Enum):
+    multinomial = "multinomial"  # torch.multinomial with a per-request generator (draws depend on the draw count)
+    gumbel = "gumbel"  # seeded Gumbel-max keyed by (seed, position, vocab id): batch-invariant (SGLang deterministic)
+
+
 @dataclass(slots=True, kw_only=True)
 class RouterNumerics:
     logits_dtype: RouterDtype = RouterDtype.native
@@ -161,6 +166,11 @@ class LogprobNumerics:
 
 
 @dataclass(slots=True, kw_only=True)
+class SamplingNumerics:
+    method: SamplingMethod = SamplingMethod.multinomial
+
+
+@dataclass(slots=True, kw_only=True)
 class OpsNumerics:
     router: RouterNumerics = field(default_factory=RouterNumerics)
     experts: ExpertsNumerics = field(default_factory=ExpertsNumerics)
@@ -174,6 +184,7 @@ class OpsNumerics:
     rope: RopeNumerics = field(default_factory=RopeNumerics)
     lm_head: LmHeadNumerics = field(default_factory=LmHeadNumerics)
     logprobs: LogprobNumerics = field(default_factory=LogprobNumerics)
+    sampling: SamplingNumerics = field(default_factory=SamplingNumerics)
 
 
 @dataclass(slots=True, kw_only=True)

@@ -1,4 +1,6 @@
-"""Offline batch generation: SGLang /generate request records in, SGLang response records out.
+"""Offline batch generation: SGLang /generate request records in, SGLang response records out. Every request goes
+through the engine at once (continuous batching, offline throughput mode); responses keep the input order, one line
+per sample (a record with a batch of prompts or n > 1 gives several lines).
 
     python scripts/generate.py model=qwen3_5_moe_tiny numerics=hf_eager input=examples/prompts.jsonl output=out.jsonl
     python scripts/generate.py model=qwen3_5_moe model.path=DIR numerics=hf_eager input=requests.jsonl
@@ -9,8 +11,10 @@ with engine.dump_logits=true, logits.pt (fp32 logits of every scored position, p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -20,7 +24,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from parityrt.config import to_run_config
-from parityrt.generation import Generator, parse_request
+from parityrt.engine.engine import Engine
+from parityrt.generation import parse_records
 from parityrt.runtime import close_runtime, load_runtime, write_run_files
 
 
@@ -47,21 +52,31 @@ def main(cfg: DictConfig) -> None:
     records = read_requests(Path(run.input))
     rt = load_runtime(run)
     write_run_files(run_dir, run, rt)
-    gen = Generator(rt.model, rt.tokenizer, rt.eos_token_ids)
     requests = []
     for n, rec in enumerate(records, 1):
         try:
-            requests.append(parse_request(rec, rt.tokenizer, rt.model.args.vocab_size, run.engine.max_seq_len))
+            requests += parse_records(rec, rt.tokenizer, rt.model.args.vocab_size, run.engine.max_seq_len)
         except ValueError as e:
             raise ValueError(f"{run.input}:{n}: {e}") from None
-    dumps = {}
+    if run.engine.dump_logits:
+        requests = [dataclasses.replace(r, keep_logits=True) for r in requests]
+    engine = Engine(rt.model, rt.tokenizer, rt.eos_token_ids, run.engine, run.server.weight_version)
+    seqs = [engine.add(r) for r in requests]
+    t0, dumps = time.perf_counter(), {}
+    with tqdm(total=len(seqs), desc="generate", unit="req", disable=not run.progress) as bar:
+        while engine.has_work():
+            bar.update(sum(1 for s in engine.step() if s.finish is not None))
+    seconds = time.perf_counter() - t0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as f:
-        for req in tqdm(requests, desc="generate", unit="req", disable=not run.progress):
-            response, logits = gen.generate(req)
-            f.write(json.dumps(response) + "\n")
+        for seq in seqs:
+            f.write(json.dumps(engine.response(seq)) + "\n")
             if run.engine.dump_logits:
-                dumps[req.rid] = logits
+                rows = [seq.logits[p] for p in range(len(seq.all_ids) - 1)]
+                dumps[seq.req.rid] = torch.stack(rows) if rows else torch.empty(0, rt.model.args.vocab_size)
+    tokens = sum(len(s.output_ids) for s in seqs)
+    print(f"{len(seqs)} requests, {tokens} output tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):.1f} tok/s)",
+          file=sys.stderr)
     close_runtime(rt)
     if dumps:
         torch.save(dumps, run_dir / "logits.pt")

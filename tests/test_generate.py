@@ -93,13 +93,14 @@ def test_seeded_sampling_repeats_and_greedy_scores_match_prefill(generator) -> N
     ({}, "Either text, input_ids"),
     ({"input_ids": []}, "input_ids cannot be empty"),
     ({"text": "hi", "sampling_params": {"seed": 1}}, "unknown field `seed`"),
-    ({"text": "hi", "sampling_params": {"max_new_tokens": 4.0}}, "invalid type for `max_new_tokens`"),
+    ({"text": "hi", "sampling_params": {"max_new_tokens": 4.0}}, "invalid type: floating point `4.0`, expected i64"),
     ({"text": "hi", "sampling_params": {"top_p": 0}}, "top_p must be in"),
     ({"text": "hi", "sampling_params": {"temperature": -1}}, "temperature must be"),
-    ({"input_ids": [1, 99999]}, "input_ids must be in"),
+    ({"input_ids": [1, 99999]}, "out-of-vocabulary token id 99999"),
     ({"input_ids": [1] * 5000}, "longer than the model's context length"),
-    ({"text": "hi", "logprob_start_len": 50}, "logprob_start_len"),
-    ({"text": "hi", "sampling_params": {"min_p": 0.5}}, "not supported"),
+    ({"text": "hi", "return_logprob": True, "logprob_start_len": 50}, "logprob_start_len"),
+    ({"text": "hi", "sampling_params": {"json_schema": "{}"}}, "not supported"),
+    ({"text": ["a", "b"]}, "expected one prompt and one sample"),
 ])
 def test_bad_requests_are_refused_clearly(record, message) -> None:
     with pytest.raises(ValueError, match=message):

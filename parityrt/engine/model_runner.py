@@ -1,0 +1,162 @@
+"""One engine step on the model: the varlen forward of the scheduled tokens, logits of the rows anyone needs,
+logprobs as the policy computes them, and the sampled tokens.
+
+Shape-stable kernels (CPU). Three things make a row's bits depend on how many rows share an op: torch sends a bf16
+GEMM to oneDNN only when M·K·N > 16³ (its own kernel below), fp32 GEMMs take other MKL paths for M < 12, and
+elementwise kernels (softplus, sigmoid...) run vectorised except for a scalar tail of numel mod 64 elements, whose
+results differ in the last bit. With `shape_stable` every step is padded with a throw-away sequence (no cache) to a
+multiple of STABLE_ROWS tokens, so token-wise ops have no tail and GEMMs stay on one kernel whatever the batch, and
+the attention modules run with oneDNN off, so a query row gets the same kernel in decode (one row) as in prefill.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from parityrt.engine.sampler import sampling_tensors
+from parityrt.engine.scheduler import Sequence
+from parityrt.layers.cache import ForwardBatch
+
+STABLE_ROWS = 64  # a multiple of the vector step of bf16/fp32 kernels; above the GEMM thresholds for K·N >= 65
+TopList = list[tuple[float, int]]
+
+
+@dataclass(slots=True)
+class SeqResult:
+    token: int | None  # sampled token, when the step reached the end of the sequence's known tokens
+    token_lp: tuple[float, TopList | None, TopList | None] | None  # its logprob, top logprobs, token_ids logprobs
+    input_lp: dict[int, tuple[float, TopList | None, TopList | None]]  # prompt positions scored in this step
+    routed: dict[int, list[list[int]]]
+    logits: dict[int, torch.Tensor]
+
+
+def samples(seq: Sequence, p: int) -> bool:
+    """The row at position p is the last known token and the sequence still wants tokens."""
+    return p + 1 == len(seq.all_ids) and len(seq.output_ids) < seq.max_new_tokens
+
+
+def inner_module(model) -> nn.Module:
+    return model if isinstance(model, nn.Module) else model.model  # TPDriver wraps rank 0's module
+
+
+class ModelRunner:
+    def __init__(self, model, shape_stable: bool, eos_token_ids: list[int]):
+        self.model, self.shape_stable, self.eos = model, shape_stable, list(eos_token_ids)
+        self.module = inner_module(model)
+        self.device = next(self.module.parameters()).device
+        self.vocab = self.module.args.vocab_size
+        self.routers = [m for m in self.module.modules() if getattr(m, "numerics_op", None) == "router"]
+        self.attention = [m for m in self.module.modules() if getattr(m, "numerics_op", None) == "attention"]
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]]) -> list[SeqResult]:
+        ids, pos, lens, caches = [], [], [], []
+        for seq, n in batch:
+            ids += seq.all_ids[seq.num_computed : seq.num_computed + n]
+            pos += range(seq.num_computed, seq.num_computed + n)
+            lens.append(n)
+            caches.append(seq.cache)
+        if self.shape_stable and (pad := -sum(lens) % STABLE_ROWS):
+            ids, pos, lens, caches = ids + [0] * pad, pos + list(range(pad)), lens + [pad], caches + [None]
+        want_routes = any(s.req.return_routed_experts for s, _ in batch)
+        with self._stable_attention(), self._capture_routes(want_routes) as routes:
+            h = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), ForwardBatch(lens, caches))
+            rows, owners = self._logit_rows(batch, h.shape[0])
+            logits = self.model.compute_logits(h[torch.tensor(rows, dtype=torch.long, device=self.device)]) if rows else None
+        return self._results(batch, logits, rows, owners, routes)
+
+    def _logit_rows(self, batch: list[tuple[Sequence, int]], total: int) -> tuple[list[int], dict[int, int]]:
+        """Rows of h whose logits are needed: the last row of a sequence that samples, prompt rows whose next
+        token is scored (input logprobs), every row for keep_logits. owners: row -> index in `rows`."""
+        rows, start = [], 0
+        for seq, n in batch:
+            first_scored = seq.req.logprob_start_len - 1 if seq.req.logprob_start_len >= 0 else seq.prompt_len
+            for r in range(n):
+                p = seq.num_computed + r  # the row at position p predicts token p + 1
+                needed = (samples(seq, p) or seq.req.keep_logits
+                          or (seq.req.return_logprob and max(first_scored, 0) <= p < seq.prompt_len - 1))
+                if needed:
+                    rows.append(start + r)
+            start += n
+        # shape-stable: the lm_head GEMM too gets a multiple of STABLE_ROWS rows (the extra rows are dropped)
+        taken = set(rows)
+        extra = [r for r in range(total) if r not in taken] if self.shape_stable else []
+        padded = rows + extra[: -len(rows) % STABLE_ROWS]
+        return padded, {r: i for i, r in enumerate(padded)}
+
+    def _results(self, batch, logits, rows, owners, routes) -> list[SeqResult]:
+        results, start, samplers = [], 0, []
+        for seq, n in batch:
+            res = SeqResult(None, None, {}, {}, {})
+            temp = seq.req.sampling.temperature
+            for r in range(n):
+                if (start + r) not in owners:
+                    continue
+                p, row = seq.num_computed + r, logits[owners[start + r]]
+                if seq.req.keep_logits:
+                    res.logits[p] = row.float().clone()
+                if p + 1 < seq.prompt_len and seq.req.return_logprob:
+                    res.input_lp[p + 1] = self._lp_entry(self.model.logprobs(row, temp), seq.all_ids[p + 1], seq)
+                if samples(seq, p):
+                    samplers.append((seq, row, res))
+            for layer_ids in routes:
+                for r in range(n):
+                    res.routed.setdefault(seq.num_computed + r, []).append(layer_ids[start + r].tolist())
+            results.append(res)
+            start += n
+        if samplers:
+            seqs = [s for s, _, _ in samplers]
+            rows_BV = torch.stack([row for _, row, _ in samplers])
+            tokens = self.module.sampler(rows_BV, sampling_tensors(seqs, self.vocab, self.eos, self.device)).tolist()
+            for (seq, row, res), token in zip(samplers, tokens):
+                res.token = token
+                res.token_lp = self._lp_entry(self.model.logprobs(row, seq.req.sampling.temperature), token, seq)
+        return results
+
+    @staticmethod
+    def _lp_entry(lp_V: torch.Tensor, token: int, seq: Sequence) -> tuple[float, TopList | None, TopList | None]:
+        top = None
+        if seq.req.top_logprobs_num:
+            values, ids = torch.topk(lp_V, seq.req.top_logprobs_num)
+            top = list(zip(values.tolist(), ids.tolist()))
+        chosen = None
+        if seq.req.token_ids_logprob is not None:
+            chosen = [(float(lp_V[t]), t) for t in seq.req.token_ids_logprob]
+        return float(lp_V[token]), top, chosen
+
+    @contextmanager
+    def _stable_attention(self) -> Iterator[None]:
+        if not (self.shape_stable and self.device.type == "cpu"):
+            yield
+            return
+        saved: list[bool] = []
+
+        def off(*_) -> None:
+            saved.append(torch.backends.mkldnn.enabled)
+            torch.backends.mkldnn.enabled = False
+
+        def restore(*_) -> None:
+            torch.backends.mkldnn.enabled = saved.pop()
+
+        with ExitStack() as stack:
+            for m in self.attention:
+                stack.callback(m.register_forward_pre_hook(off).remove)
+                stack.callback(m.register_forward_hook(restore).remove)
+            yield
+
+    @contextmanager
+    def _capture_routes(self, on: bool) -> Iterator[list[torch.Tensor]]:
+        """Per router, in layer order, the expert ids [T, K] chosen for every token of the step."""
+        routes: list[torch.Tensor] = []
+        if not on:
+            yield routes
+            return
+        with ExitStack() as stack:
+            for m in self.routers:
+                stack.callback(m.register_forward_hook(lambda _m, _i, out: routes.append(out[1].detach().cpu())).remove)
+            yield routes

@@ -1,0 +1,346 @@
+"""SGLang /generate requests: the JSON contract (types, unknown sampling keys), the semantic checks (ranges, context
+length) and the expansion of batches and n > 1 into one GenerateRequest per sample. Error texts are SGLang 0.5.23's:
+ContractError carries serde's wording (the server answers {"error": "<text>"}), ValueError the tokenizer manager's
+(the server answers {"error": {"message": "<text>"}}).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from parityrt.tokenizer import Tokenizer
+
+TOP_K_ALL = 1 << 30
+# SGLang's SamplingParams contract, in its order (the order appears in the unknown-field message)
+SAMPLING_FIELDS = (
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex",
+    "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+    "stream_interval", "logit_bias", "sampling_seed", "custom_params", "beam_width", "watermark", "choice",
+)
+_INT, _FLOAT, _BOOL, _STR = "i64", "f64", "a boolean", "a string"
+_SAMPLING_TYPES = {
+    "max_new_tokens": _INT, "temperature": _FLOAT, "top_p": _FLOAT, "top_k": _INT, "min_p": _FLOAT,
+    "frequency_penalty": _FLOAT, "presence_penalty": _FLOAT, "repetition_penalty": _FLOAT, "min_new_tokens": _INT,
+    "n": _INT, "json_schema": _STR, "regex": _STR, "ebnf": _STR, "structural_tag": _STR, "ignore_eos": _BOOL,
+    "skip_special_tokens": _BOOL, "spaces_between_special_tokens": _BOOL, "no_stop_trim": _BOOL,
+    "stream_interval": _INT, "sampling_seed": _INT, "beam_width": _INT,
+}
+
+
+class ContractError(ValueError):
+    """The body violates SGLang's JSON contract (api/v1/api_types.py)."""
+
+
+@dataclass(slots=True, kw_only=True)
+class SamplingParams:
+    max_new_tokens: int | None = 128  # None: up to the context length
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = TOP_K_ALL
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_regex: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    sampling_seed: int | None = None
+    stream_interval: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1
+
+
+@dataclass(slots=True, kw_only=True)
+class GenerateRequest:
+    """One prompt, one sample: what the engine runs."""
+
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: output logprobs only
+    top_logprobs_num: int = 0
+    token_ids_logprob: list[int] | None = None
+    return_text_in_logprobs: bool = False
+    return_routed_experts: bool = False
+    return_prompt_token_ids: bool = False
+    stream: bool = False
+    keep_logits: bool = False  # offline parity runs: keep fp32 logits of every scored position
+    # n > 1: copies of one seed would draw identical samples, so sample j is seeded with seed + j
+    sample_index: int = 0
+
+
+# ---- the JSON contract ------------------------------------------------------------------------------------------
+
+
+def _unexpected(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"boolean `{'true' if v else 'false'}`"
+    if isinstance(v, int):
+        return f"integer `{v}`"
+    if isinstance(v, float):
+        return f"floating point `{v}`"
+    if isinstance(v, str):
+        return f'string "{v}"'
+    return "sequence" if isinstance(v, list) else "map" if isinstance(v, dict) else type(v).__name__
+
+
+def _expect(v: Any, kind: str, expected: str | None = None) -> None:
+    ok = {
+        _INT: isinstance(v, int) and not isinstance(v, bool),
+        _FLOAT: isinstance(v, (int, float)) and not isinstance(v, bool),
+        _BOOL: isinstance(v, bool),
+        _STR: isinstance(v, str),
+    }[kind]
+    if not ok:
+        raise ContractError(f"invalid type: {_unexpected(v)}, expected {expected or kind}")
+
+
+def _one_or_list(v: Any, kind: str, name: str) -> None:
+    if isinstance(v, list):
+        for e in v:
+            _expect(e, kind)
+    else:
+        _expect(v, kind, f"a value or an array of values for {name}")
+
+
+def _token_ids(v: Any) -> None:
+    if not isinstance(v, list):
+        raise ContractError(f"invalid type: {_unexpected(v)}, expected a value or an array of values for TokenIdsOrList")
+    rows = v if v and isinstance(v[0], list) else [v]
+    for row in rows:
+        if not isinstance(row, list):
+            raise ContractError(f"invalid type: {_unexpected(row)}, expected a sequence")
+        for t in row:
+            _expect(t, _INT)
+
+
+def _check_sampling(sp: Any) -> None:
+    if not isinstance(sp, dict):
+        raise ContractError(f"invalid type: {_unexpected(sp)}, expected struct SamplingParams")
+    for key, v in sp.items():
+        if key not in SAMPLING_FIELDS:
+            listed = ", ".join(f"`{f}`" for f in SAMPLING_FIELDS)
+            raise ContractError(f"unknown field `{key}`, expected one of {listed}")
+        if v is None or key in ("custom_params", "watermark"):
+            continue
+        if key in _SAMPLING_TYPES:
+            _expect(v, _SAMPLING_TYPES[key])
+        elif key in ("stop", "stop_regex"):
+            _one_or_list(v, _STR, "StringOrList")
+        elif key in ("stop_token_ids", "choice"):
+            if not isinstance(v, list):
+                raise ContractError(f"invalid type: {_unexpected(v)}, expected a sequence")
+            for e in v:
+                _expect(e, _INT if key == "stop_token_ids" else _STR)
+        elif key == "logit_bias":
+            if not isinstance(v, dict):
+                raise ContractError(f"invalid type: {_unexpected(v)}, expected a map")
+            for e in v.values():
+                _expect(e, _FLOAT)
+
+
+def check_contract(body: Any) -> None:
+    """Raise ContractError where SGLang's generated decoder would (unknown top-level keys are ignored)."""
+    if not isinstance(body, dict):
+        raise ContractError(f"invalid type: {_unexpected(body)}, expected struct GenerateRequest")
+    for key, v in body.items():
+        if v is None:
+            continue
+        if key in ("rid", "text"):
+            _one_or_list(v, _STR, "StringOrList")
+        elif key in ("input_ids", "token_ids_logprob"):
+            _token_ids(v)
+        elif key in ("stream", "return_text_in_logprobs", "return_prompt_token_ids"):
+            _expect(v, _BOOL)
+        elif key in ("return_logprob", "return_hidden_states"):
+            _one_or_list(v, _BOOL, "BoolOrList")
+        elif key in ("logprob_start_len", "top_logprobs_num"):
+            _one_or_list(v, _INT, "Int64OrList")
+        elif key == "sampling_params":
+            for sp in v if isinstance(v, list) else [v]:
+                _check_sampling(sp)
+
+
+# ---- semantics --------------------------------------------------------------------------------------------------
+
+
+def parse_sampling(sp: dict[str, Any] | None, vocab_size: int) -> SamplingParams:
+    """SGLang's normalize() + verify() on a contract-checked dict."""
+    sp = {k: v for k, v in (sp or {}).items() if v is not None}
+    for key in ("json_schema", "regex", "ebnf", "structural_tag"):
+        if sp.get(key):
+            raise ValueError(f"{key}: constrained decoding is not supported by parityrt")
+    if sp.get("beam_width", 1) != 1 or sp.get("choice") or (sp.get("watermark") or {}).get("enabled"):
+        raise ValueError("beam search, choice and watermarking are not supported by parityrt")
+    stop = sp.get("stop", [])
+    stop_regex = sp.get("stop_regex", [])
+    p = SamplingParams(
+        max_new_tokens=sp.get("max_new_tokens", 128),
+        min_new_tokens=sp.get("min_new_tokens", 0),
+        temperature=float(sp.get("temperature", 1.0)),
+        top_p=float(sp.get("top_p", 1.0)),
+        top_k=sp.get("top_k", TOP_K_ALL),
+        min_p=float(sp.get("min_p", 0.0)),
+        frequency_penalty=float(sp.get("frequency_penalty", 0.0)),
+        presence_penalty=float(sp.get("presence_penalty", 0.0)),
+        repetition_penalty=float(sp.get("repetition_penalty", 1.0)),
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        stop_token_ids=list(sp.get("stop_token_ids", [])),
+        stop_regex=[stop_regex] if isinstance(stop_regex, str) else list(stop_regex),
+        ignore_eos=sp.get("ignore_eos", False),
+        skip_special_tokens=sp.get("skip_special_tokens", True),
+        no_stop_trim=sp.get("no_stop_trim", False),
+        n=sp.get("n", 1),
+        logit_bias={int(k): float(v) for k, v in sp.get("logit_bias", {}).items() if _is_int_str(k, vocab_size)},
+        sampling_seed=sp.get("sampling_seed"),
+        stream_interval=sp.get("stream_interval") or 1,
+    )
+    if 0 <= p.temperature < 1e-6:  # SGLang: greedy is temperature 1 with top_k 1
+        p.temperature, p.top_k = 1.0, 1
+    if p.top_k == -1:
+        p.top_k = TOP_K_ALL
+    if not math.isfinite(p.temperature) or p.temperature < 0.0:
+        raise ValueError(f"temperature must be a non-negative finite number, got {p.temperature}.")
+    if not 0.0 < p.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p.top_p}.")
+    if not 0.0 <= p.min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {p.min_p}.")
+    if p.top_k < 1:
+        raise ValueError(f"top_k must be -1 (disable) or at least 1, got {p.top_k}.")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2.0 <= getattr(p, name) <= 2.0:
+            raise ValueError(f"{name} must be in [-2, 2], got {getattr(p, name)}.")
+    if not 0.0 < p.repetition_penalty <= 2.0:
+        raise ValueError(f"repetition_penalty must be in (0, 2] (1.0 = no penalty), got {p.repetition_penalty}.")
+    if p.max_new_tokens is not None and p.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be at least 0, got {p.max_new_tokens}.")
+    if p.min_new_tokens < 0 or (p.max_new_tokens is not None and p.min_new_tokens > p.max_new_tokens):
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens({p.max_new_tokens})], got {p.min_new_tokens}.")
+    if p.n < 1:
+        raise ValueError(f"n must be at least 1, got {p.n}.")
+    if not -(2**63) <= (p.sampling_seed or 0) <= 2**63 - 1:
+        raise ValueError(f"sampling_seed must be in [-2**63, 2**63 - 1], got {p.sampling_seed}.")
+    if len(p.stop) > 32 or len(p.stop_regex) > 32:
+        raise ValueError(f"at most 32 stop strings are allowed, got {max(len(p.stop), len(p.stop_regex))}")
+    for pattern in p.stop_regex:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"invalid stop_regex {pattern!r}: {e}") from None
+    return p
+
+
+def _is_int_str(key: str, vocab_size: int) -> bool:
+    if not (isinstance(key, str) and key.lstrip("-").isdigit() and 0 <= int(key) < vocab_size):
+        raise ValueError(f"logit_bias must has keys in [0, {vocab_size - 1}], got {key}.")
+    return True
+
+
+def _per_prompt(body: dict[str, Any], key: str, batch: int, default: Any, nested: bool = False) -> list[Any]:
+    """A field given once for the batch or as one value per prompt (nested: the per-prompt value is a list)."""
+    v = body.get(key)
+    if v is None:
+        return [default] * batch
+    per = isinstance(v, list) and (not nested or (bool(v) and isinstance(v[0], list)))
+    if not per:
+        return [v] * batch
+    if len(v) != batch:
+        raise ValueError(f"The length of {key} ({len(v)}) does not match the batch size ({batch}).")
+    return list(v)
+
+
+def parse_generate(body: dict[str, Any], tokenizer: Tokenizer, vocab_size: int, max_seq_len: int) -> tuple[list[GenerateRequest], bool]:
+    """A contract-checked /generate body -> one GenerateRequest per sample (prompt-major for n > 1), and whether
+    the response is a list (a batch, or n > 1)."""
+    text, ids = body.get("text"), body.get("input_ids")
+    if text is None and ids is None:
+        raise ValueError("Either text, input_ids or input_embeds should be provided.")
+    if body.get("return_hidden_states") not in (None, False, []):
+        raise ValueError("return_hidden_states is not supported by parityrt")
+    if text is not None:  # text wins over input_ids, as in SGLang
+        prompts = [tokenizer.encode(t) for t in (text if isinstance(text, list) else [text])]
+        is_batch = isinstance(text, list)
+    else:
+        is_batch = bool(ids) and isinstance(ids[0], list)
+        prompts = [list(p) for p in (ids if is_batch else [ids])]
+    if not prompts:
+        raise ValueError("input_ids cannot be empty." if text is None else "text cannot be an empty list.")
+    for p in prompts:
+        if not p:
+            raise ValueError("input_ids cannot be empty." if text is None else "The prompt encodes to no tokens.")
+        if (bad := next((t for t in p if not 0 <= t < vocab_size), None)) is not None:
+            raise ValueError(f"input_ids contains out-of-vocabulary token id {bad}; valid range is [0, {vocab_size}).")
+    B = len(prompts)
+    sps = [parse_sampling(sp, vocab_size) for sp in _per_prompt(body, "sampling_params", B, {})]
+    n = sps[0].n
+    if any(sp.n != n for sp in sps):
+        raise ValueError("The parallel_sample_num (n) should be the same for all samples in sample params.")
+    if n > 1:
+        for key in ("return_logprob", "logprob_start_len", "top_logprobs_num", "token_ids_logprob"):
+            v = body.get(key)
+            if isinstance(v, list) and (key != "token_ids_logprob" or (v and isinstance(v[0], list))):
+                raise ValueError(f"Cannot use list {key} with parallel_sample_num > 1")
+    return_logprob = _per_prompt(body, "return_logprob", B, False)
+    start_len = _per_prompt(body, "logprob_start_len", B, -1)
+    top_num = _per_prompt(body, "top_logprobs_num", B, 0)
+    token_ids = _per_prompt(body, "token_ids_logprob", B, None, nested=True)
+    rids = _rids(body.get("rid"), B, n)
+    requests = []
+    for i, (prompt, sp) in enumerate(zip(prompts, sps)):
+        _check_lengths(prompt, sp, max_seq_len)
+        if return_logprob[i] and start_len[i] > len(prompt):
+            raise ValueError(f"req.logprob_start_len={start_len[i]} is higher than the number of input tokens "
+                             f"len(req.origin_input_ids)={len(prompt)}. Please use a smaller logprob_start_len.")
+        if not 0 <= top_num[i] <= vocab_size:
+            raise ValueError(f"top_logprobs_num must be in [0, {vocab_size}], got {top_num[i]}.")
+        if token_ids[i] is not None and (bad := next((t for t in token_ids[i] if not 0 <= t < vocab_size), None)) is not None:
+            raise ValueError(f"token_ids_logprob contains out-of-vocabulary token id {bad}; valid range is [0, {vocab_size}).")
+        for j in range(n):
+            requests.append(GenerateRequest(
+                rid=rids[i * n + j], input_ids=prompt, sampling=sp, sample_index=j, return_logprob=bool(return_logprob[i]),
+                logprob_start_len=start_len[i] if return_logprob[i] else -1, top_logprobs_num=top_num[i],
+                token_ids_logprob=token_ids[i], return_text_in_logprobs=bool(body.get("return_text_in_logprobs")),
+                return_routed_experts=bool(body.get("return_routed_experts")),
+                return_prompt_token_ids=bool(body.get("return_prompt_token_ids")), stream=bool(body.get("stream")),
+            ))
+    return requests, is_batch or n > 1
+
+
+def _rids(rid: Any, batch: int, n: int) -> list[str]:
+    if n > 1 or rid is None:  # SGLang gives every parallel sample a fresh id
+        return [uuid.uuid4().hex for _ in range(batch * n)]
+    if isinstance(rid, list):
+        if len(rid) != batch:
+            raise ValueError(f"The length of rid ({len(rid)}) does not match the batch size ({batch}).")
+        if len(set(rid)) != len(rid):
+            raise ValueError(f"Duplicate request IDs detected within the request: {sorted({r for r in rid if rid.count(r) > 1})}")
+        return list(rid)
+    return [rid] if batch == 1 else [f"{rid}_{i}" for i in range(batch)]
+
+
+def _check_lengths(prompt: list[int], sp: SamplingParams, max_seq_len: int) -> None:
+    if len(prompt) >= max_seq_len:
+        raise ValueError(f"The input ({len(prompt)} tokens) is longer than the model's context length ({max_seq_len} tokens).")
+    if sp.max_new_tokens is not None and len(prompt) + sp.max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"Requested token count exceeds the model's maximum context length of {max_seq_len} tokens. You requested "
+            f"a total of {len(prompt) + sp.max_new_tokens} tokens: {len(prompt)} tokens from the input messages and "
+            f"{sp.max_new_tokens} tokens for the completion. Please reduce the number of tokens in the input messages "
+            "or the completion to fit within the limit."
+        )

@@ -1,0 +1,292 @@
+"""FastAPI routes with SGLang 0.5.23's contract (../shared/reference/sglang_api.md): /generate, the OpenAI routes,
+health, info, cache, abort and weight-update endpoints, with SGLang's status codes and error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from parityrt.engine.engine import Engine
+from parityrt.engine.request import ContractError, GenerateRequest, SamplingParams, check_contract, parse_generate
+from parityrt.server import protocol as P
+from parityrt.server.worker import EngineWorker
+
+OPEN_PATHS = ("/health", "/ready", "/metrics")
+VERSION = "0.5.23"  # the SGLang contract served
+
+
+@dataclass(slots=True, kw_only=True)
+class ServerState:
+    worker: EngineWorker
+    load_model: Callable[[str], Any]  # checkpoint path -> bound model (raises on failure)
+    model_path: str
+    served_model_name: str
+    server_args: dict[str, Any]  # flat, reported by /server_info
+    model_type: str | None = None
+    architectures: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    weight_updates: int = 0
+    started: float = field(default_factory=time.time)
+
+    @property
+    def engine(self) -> Engine:
+        return self.worker.engine
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _finals(out: asyncio.Queue, count: int) -> list[dict[str, Any]]:
+    results: list[dict[str, Any] | None] = [None] * count
+    while any(r is None or r["meta_info"]["finish_reason"] is None for r in results):
+        index, resp = await out.get()
+        results[index] = resp
+    return results  # type: ignore[return-value]
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="parityrt (SGLang-compatible)")
+    app.state.parityrt = state
+    engine_cfg = state.engine.cfg
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if state.api_key and not request.url.path.startswith(OPEN_PATHS):
+            if request.headers.get("authorization") != f"Bearer {state.api_key}":
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        # SGLang rewrites FastAPI's 422 to a 400 ErrorResponse with the same message text
+        exc_str, errors_str = str(exc), str(exc.errors())
+        message = f"{exc_str} {errors_str}" if errors_str and errors_str != exc_str else exc_str
+        return JSONResponse(P.error_object(message, "Bad Request", 400), status_code=400)
+
+    def parse(body: dict[str, Any]) -> tuple[list[GenerateRequest], bool]:
+        tok, args = state.engine.tokenizer, state.engine.runner.module.args
+        return parse_generate(body, tok, args.vocab_size, engine_cfg.max_seq_len)
+
+    # ---- /generate ----------------------------------------------------------------------------------------------
+
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(obj: P.GenerateReqInput, request: Request):
+        body = await request.json()
+        try:
+            check_contract(body)
+        except ContractError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        try:
+            requests, as_list = parse(body)
+            out = await state.worker.submit(requests)
+        except ValueError as e:
+            if obj.stream:  # SGLang reports errors raised after admission inside the 200 stream
+                err = {"error": {"message": str(e), "type": "invalid_request_error", "code": 400, "retryable": False}}
+                return StreamingResponse(iter([_sse(err), b"data: [DONE]\n\n"]), media_type="text/event-stream")
+            return JSONResponse({"error": {"message": str(e)}}, status_code=400)
+        if obj.stream:
+            return StreamingResponse(_generate_stream(out, requests, as_list), media_type="text/event-stream")
+        results = await _finals(out, len(requests))
+        return JSONResponse(results if as_list else results[0])
+
+    async def _generate_stream(out: asyncio.Queue, requests: list[GenerateRequest], as_list: bool) -> AsyncIterator[bytes]:
+        pending = set(range(len(requests)))
+        try:
+            while pending:
+                index, resp = await out.get()
+                if resp["meta_info"]["finish_reason"] is not None:
+                    pending.discard(index)
+                yield _sse({**resp, "index": index} if as_list else resp)
+            yield b"data: [DONE]\n\n"
+        finally:
+            if pending:  # the client went away: stop generating for it
+                state.worker.abort_later([requests[i].rid for i in pending])
+
+    # ---- OpenAI -------------------------------------------------------------------------------------------------
+
+    def openai_error(message: str) -> JSONResponse:
+        return JSONResponse(P.error_object(message, "BadRequestError", 400), status_code=400)
+
+    async def require_json(request: Request) -> None:
+        if request.headers.get("content-type", "").lower().split(";")[0].strip() != "application/json":
+            raise RequestValidationError([{"loc": ["header", "content-type"], "type": "value_error",
+                                           "msg": "Unsupported Media Type: Only 'application/json' is allowed"}])
+
+    async def openai_submit(body: dict[str, Any]) -> tuple[list[GenerateRequest], asyncio.Queue]:
+        check_contract(body)
+        requests, _ = parse(body)
+        return requests, await state.worker.submit(requests)
+
+    @app.post("/v1/completions", dependencies=[Depends(require_json)])
+    async def completions(req: P.CompletionRequest):
+        try:
+            body = P.completion_to_generate(req)
+            requests, out = await openai_submit(body)
+        except ValueError as e:
+            return openai_error(str(e))
+        prompts = body["text"] if isinstance(body.get("text"), list) else [body.get("text") or ""]
+        if not req.stream:
+            return JSONResponse(P.completion_response(await _finals(out, len(requests)), req, req.model, prompts))
+        return StreamingResponse(_openai_stream(out, requests, req, "completion", prompts), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_json)])
+    async def chat(req: P.ChatCompletionRequest):
+        try:
+            requests, out = await openai_submit(P.chat_to_generate(req, state.engine.tokenizer))
+        except ValueError as e:
+            return openai_error(str(e))
+        if not req.stream:
+            return JSONResponse(P.chat_response(await _finals(out, len(requests)), req, req.model))
+        return StreamingResponse(_openai_stream(out, requests, req, "chat", []), media_type="text/event-stream")
+
+    async def _openai_stream(out: asyncio.Queue, requests: list[GenerateRequest], req, kind: str,
+                             prompts: list[str]) -> AsyncIterator[bytes]:
+        sid, created, n = uuid.uuid4().hex, int(time.time()), len(requests)
+        sent_text, sent_lp, finals = [0] * n, [0] * n, [None] * n
+        obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+        try:
+            if kind == "chat":
+                for i in range(n):
+                    delta = {"role": "assistant", "content": ""}
+                    yield _sse({"id": sid, "object": obj, "created": created, "model": req.model,
+                                "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+            while any(f is None for f in finals):
+                i, resp = await out.get()
+                meta = resp["meta_info"]
+                text = resp["text"][sent_text[i]:]
+                if kind == "completion" and req.echo and sent_text[i] == 0 and sent_lp[i] == 0:
+                    text = prompts[i // req.n] + text
+                reason, matched = P.finish_fields(meta)
+                logprobs = None
+                if (req.logprobs if kind == "chat" else req.logprobs is not None):
+                    logprobs = (P.completion_logprobs(meta, False, sent_lp[i]) if kind == "completion"
+                                else P.chat_logprobs(meta, sent_lp[i]))
+                    sent_lp[i] = len(meta["output_token_logprobs"])
+                sent_text[i] = len(resp["text"])
+                choice = {"index": i, "logprobs": logprobs, "finish_reason": reason, "matched_stop": matched}
+                choice.update({"text": text} if kind == "completion" else {"delta": {"content": text}})
+                yield _sse({"id": sid, "object": obj, "created": created, "model": req.model, "choices": [choice]})
+                if reason is not None:
+                    finals[i] = resp
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse({"id": sid, "object": obj, "created": created, "model": req.model, "choices": [],
+                            "usage": P.usage(finals, req.n)})
+            yield b"data: [DONE]\n\n"
+        finally:
+            unfinished = [requests[i].rid for i, f in enumerate(finals) if f is None]
+            if unfinished:
+                state.worker.abort_later(unfinished)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model != state.served_model_name:
+            err = {"message": f"The model '{model}' does not exist", "type": "invalid_request_error", "param": "model",
+                   "code": "model_not_found"}
+            return JSONResponse({"error": err}, status_code=404)
+        return model_card()
+
+    def model_card() -> dict[str, Any]:
+        return {"id": state.served_model_name, "object": "model", "created": int(state.started), "owned_by": "sglang",
+                "root": state.served_model_name, "parent": None, "max_model_len": engine_cfg.max_seq_len}
+
+    # ---- health and info ----------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    @app.get("/health_generate")
+    async def health():
+        # as SGLang: a real one-token generation, 503 when it does not come back in time
+        req = GenerateRequest(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", input_ids=[0],
+                              sampling=SamplingParams(max_new_tokens=1, top_k=1))
+        try:
+            out = await state.worker.submit([req])
+            await asyncio.wait_for(_finals(out, 1), timeout=20)
+        except Exception:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    @app.get("/model_info")
+    async def model_info():
+        return {"model_path": state.model_path, "served_model_name": state.served_model_name,
+                "tokenizer_path": state.engine.tokenizer.name_or_path, "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": state.engine.weight_version, "load_format": "auto",
+                "reasoning_parser": None, "tool_call_parser": None, "disaggregation_mode": "null",
+                "has_image_understanding": False, "has_audio_understanding": False, "model_type": state.model_type,
+                "architectures": state.architectures}
+
+    @app.get("/get_server_info")
+    @app.get("/server_info")
+    async def server_info():
+        sched = state.engine.scheduler
+        return {**state.server_args, "model_path": state.model_path, "weight_version": state.engine.weight_version,
+                "max_total_num_tokens": state.engine.kv.num_pages * engine_cfg.page_size,
+                "max_req_input_len": engine_cfg.max_seq_len - 1, "status": "ready", "startup_time": state.started,
+                "internal_states": [{"last_gen_throughput": state.worker.gen_throughput, "avg_spec_accept_length": None,
+                                     "num_running_reqs": len(sched.running), "num_waiting_reqs": len(sched.waiting)}],
+                "version": VERSION, "frontend": "python"}
+
+    @app.get("/get_weight_version")  # removed in SGLang 0.5.23; slime still calls it
+    async def get_weight_version():
+        return {"weight_version": state.engine.weight_version}
+
+    # ---- control ------------------------------------------------------------------------------------------------
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        def flush() -> bool:
+            if state.engine.has_work():
+                return False
+            state.engine.kv.clear()
+            state.engine.states.clear()
+            return True
+
+        if await state.worker.call(flush):
+            return Response("Cache flushed.\nPlease check backend logs for more details. (When there are running or "
+                            "waiting requests, the operation will not be performed.)\n", status_code=200)
+        return Response("Cache not flushed because there are pending requests.\n", status_code=400)
+
+    @app.post("/abort_request")
+    async def abort_request(obj: P.AbortReq):
+        await state.worker.call(lambda: state.worker.abort(None if obj.abort_all else obj.rid))
+        return Response(status_code=200)
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(obj: P.UpdateWeightsReq):
+        try:
+            model = await asyncio.to_thread(state.load_model, obj.model_path)
+        except Exception as e:  # any failure to load leaves the old weights serving
+            msg = f"Failed to update weights: {e}. Rolling back to the previous weights."
+            return JSONResponse({"success": False, "message": msg, "num_paused_requests": 0}, status_code=400)
+        version = obj.weight_version or str(state.weight_updates + 1)
+
+        def swap() -> None:
+            if obj.abort_all_requests:
+                state.worker.abort(None)
+            state.engine.set_model(model, version)
+
+        await state.worker.call(swap)
+        state.weight_updates += 1
+        state.model_path = obj.model_path
+        return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+    @app.post("/update_weight_version")
+    async def update_weight_version(request: Request):
+        body = await request.json()
+        version = str(body.get("new_version"))
+        await state.worker.call(lambda: setattr(state.engine, "weight_version", version))
+        return {"success": True, "message": "Weight version updated.", "new_version": version}
+
+    return app

@@ -1,0 +1,191 @@
+"""The engine without HTTP: sampling kernels, the paged cache, scheduling (chunked prefill, preemption, abort),
+stop conditions, and the invariances of the invariant presets on both models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hf_reference import model_logits, tiny_model_config
+from kernels.sampling import apply_penalties_ref, gumbel_noise_ref, murmur_hash32_ref, truncation_mask_ref
+from parityrt.config import EngineConfig, load_preset
+from parityrt.engine.engine import Engine
+from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
+from parityrt.generation import parse_records
+from parityrt.layers.cache import StateCache
+from parityrt.numerics import bind
+from parityrt.tokenizer import Tokenizer
+from parityrt.weights import build_model
+
+TOK = Tokenizer.from_dir()
+
+
+def _murmur3_x86_32(data: bytes, seed: int = 0) -> int:
+    """The textbook MurmurHash3_x86_32 (four-byte little-endian blocks)."""
+    c1, c2, h = 0xCC9E2D51, 0x1B873593, seed
+    for i in range(0, len(data), 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * c1) & 0xFFFFFFFF
+        k = ((k << 15) | (k >> 17)) & 0xFFFFFFFF
+        k = (k * c2) & 0xFFFFFFFF
+        h ^= k
+        h = ((h << 13) | (h >> 19)) & 0xFFFFFFFF
+        h = (h * 5 + 0xE6546B64) & 0xFFFFFFFF
+    h ^= len(data)
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_murmur_hash_is_murmur3_of_seed_position_column() -> None:
+    seeds, positions = torch.tensor([0, 42, -7, 2**40 + 3]), torch.tensor([0, 5, 123456, 7])
+    got = murmur_hash32_ref(seeds, positions, 50)
+    for i, (s, p) in enumerate(zip(seeds.tolist(), positions.tolist())):
+        for v in (0, 1, 17, 49):
+            data = (s & 0xFFFFFFFF).to_bytes(4, "little") + ((s >> 32) & 0xFFFFFFFF).to_bytes(4, "little")
+            data += p.to_bytes(4, "little") + v.to_bytes(4, "little")
+            assert int(got[i, v]) == _murmur3_x86_32(data)
+
+
+def test_gumbel_noise_depends_only_on_its_row_key() -> None:
+    seeds, positions = torch.tensor([1, 2, 3]), torch.tensor([10, 10, 11])
+    batch = gumbel_noise_ref(seeds, positions, 2048)
+    alone = gumbel_noise_ref(seeds[1:2], positions[1:2], 2048)
+    assert batch.dtype == torch.float64 and torch.equal(batch[1:2], alone) and torch.isfinite(batch).all()
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])
+
+
+def test_truncation_mask() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3)
+    keep = truncation_mask_ref(probs, torch.tensor([2, 4, 4]), torch.tensor([1.0, 0.7, 1.0]), torch.tensor([0.0, 0.0, 0.2]))
+    assert keep.tolist() == [[True, True, False, False], [True, True, False, False], [True, True, True, False]]
+
+
+def test_penalties_follow_sglang() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    counts = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
+    one = torch.tensor([1.0])
+    got = apply_penalties_ref(logits, counts, torch.tensor([0.5]), torch.tensor([0.25]), torch.tensor([2.0]))
+    # repetition: positive / 2, negative * 2 on seen tokens; then -0.5·count - 0.25·seen
+    assert torch.equal(got, torch.tensor([[1.0 - 1.0 - 0.25, -4.0 - 0.5 - 0.25, 1.0, 0.5]]))
+    assert torch.equal(apply_penalties_ref(logits, counts, 0 * one, 0 * one, one), logits)
+
+
+@pytest.fixture(scope="module")
+def qwen(cache_dir):
+    model, _ = build_model(tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def kimi(cache_dir):
+    model, _ = build_model(tiny_model_config("kimi_k25_tiny", cache_dir=str(cache_dir)))
+    return model
+
+
+def _engine(model, preset: str, **cfg) -> Engine:
+    bind(model, load_preset(preset))
+    return Engine(model, TOK, model.args.eos_token_id, EngineConfig(**cfg))
+
+
+def _requests(prompts: list[list[int]], **sp) -> list:
+    sampling = {"max_new_tokens": 10, "temperature": 0.8, "top_k": 50, "ignore_eos": True, **sp}
+    return [r for i, p in enumerate(prompts) for r in parse_records(
+        {"rid": f"r{i}", "input_ids": p, "sampling_params": {**sampling, "sampling_seed": i}, "return_logprob": True},
+        TOK, 2048, 4096)]
+
+
+def _outputs(engine: Engine, requests: list) -> list[tuple[list[int], list]]:
+    return [(s.output_ids, engine.response(s)["meta_info"]["output_token_logprobs"]) for s in engine.generate(requests)]
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 2040, (2 + 5 * i,), generator=g).tolist() for i in range(n)]
+
+
+def test_paged_cache_returns_what_the_plain_cache_returns(qwen) -> None:
+    bind(qwen, load_preset("rl_parity"))
+    ids = torch.randint(0, 2048, (1, 30), generator=torch.Generator().manual_seed(1))
+    pool, states = KVPool(64, 4, "cpu"), StatePool(2, "cpu")
+    paged, plain = PagedCache(pool, states), StateCache()
+    assert paged.reserve(30)
+    a = torch.cat([model_logits(qwen, ids[:, :13], [paged]), model_logits(qwen, ids[:, 13:], [paged], start=13)], 1)
+    b = torch.cat([model_logits(qwen, ids[:, :13], [plain]), model_logits(qwen, ids[:, 13:], [plain], start=13)], 1)
+    assert torch.equal(a, b)
+    paged.free()
+    assert len(pool.free_pages) == pool.num_pages and len(states.free_slots) == 2
+
+
+@pytest.mark.parametrize("model_name", ["qwen", "kimi"])
+def test_rl_parity_alone_batched_preempted_and_rescored(request, model_name) -> None:
+    model = request.getfixturevalue(model_name)
+    prompts = _prompts(16)
+    together = _outputs(_engine(model, "rl_parity"), _requests(prompts))
+    alone = [_outputs(_engine(model, "rl_parity"), [r])[0] for r in _requests(prompts)]
+    assert alone == together
+    # prompts split at odd places; then a tiny page pool: requests preempted and recomputed from their tokens
+    assert _outputs(_engine(model, "rl_parity", chunked_prefill_size=23), _requests(prompts)) == together
+    tight = _engine(model, "rl_parity", max_seq_len=96, max_total_tokens=128, page_size=4)
+    seqs = tight.generate(_requests(prompts))
+    assert sum(s.num_retractions for s in seqs) > 0
+    assert [(s.output_ids, tight.response(s)["meta_info"]["output_token_logprobs"]) for s in seqs] == together
+    for prompt, (ids, lps) in zip(prompts, together):
+        scorer = _engine(model, "rl_parity")
+        [req] = parse_records({"input_ids": prompt + ids, "return_logprob": True, "logprob_start_len": len(prompt),
+                               "sampling_params": {"max_new_tokens": 0, "temperature": 0.8}}, TOK, 2048, 4096)
+        [seq] = scorer.generate([req])
+        assert scorer.response(seq)["meta_info"]["input_token_logprobs"] == lps
+
+
+def test_chunked_prefill_aligned_to_the_gdn_chunk_keeps_bits(qwen) -> None:
+    """hf_eager runs chunked GDN: the scheduler cuts prompts only at multiples of its 64-token chunk, so the
+    logits of a 150-token prompt are the same bits in one step or in 64-token steps."""
+    prompt = torch.randint(0, 2040, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+    req = dataclasses.replace(_requests([prompt], max_new_tokens=2)[0], keep_logits=True)
+    [whole] = _engine(qwen, "hf_eager").generate([req])
+    [cut] = _engine(qwen, "hf_eager", chunked_prefill_size=100).generate([req])  # rounded down to 64
+    assert len(whole.logits) == len(cut.logits) == 151
+    assert all(torch.equal(whole.logits[p], cut.logits[p]) for p in whole.logits)
+    with pytest.raises(ValueError, match="chunk alignment 64"):
+        _engine(qwen, "hf_eager", chunked_prefill_size=32)
+
+
+def test_stop_conditions_and_penalties(qwen) -> None:
+    engine = _engine(qwen, "rl_parity")
+    prompt = [[5, 6, 7, 8]]
+    [free] = engine.generate(_requests(prompt, temperature=0))
+    stop_at = free.output_ids[3]
+    [stopped] = engine.generate(_requests(prompt, temperature=0, stop_token_ids=[stop_at], ignore_eos=False))
+    assert stopped.output_ids == free.output_ids[: free.output_ids.index(stop_at) + 1]
+    assert stopped.finish == {"type": "stop", "matched": stop_at}
+    [ignored] = engine.generate(_requests(prompt, temperature=0, stop_token_ids=[stop_at], ignore_eos=True))
+    assert ignored.output_ids == free.output_ids
+    [late] = engine.generate(_requests(prompt, temperature=0, stop_token_ids=[stop_at], ignore_eos=False, min_new_tokens=10))
+    assert stop_at not in late.output_ids[:10]
+    favourite = {"logit_bias": {"77": 6.0}}  # a bias that makes the greedy output repeat token 77
+    [plain] = engine.generate(_requests(prompt, temperature=0, max_new_tokens=20, **favourite))
+    [penalised] = engine.generate(_requests(prompt, temperature=0, max_new_tokens=20, frequency_penalty=2.0, **favourite))
+    assert plain.output_ids.count(77) == 20 and 0 < penalised.output_ids.count(77) < 20
+    eos = qwen.args.eos_token_id[0]
+    [biased] = engine.generate(_requests(prompt, temperature=0, ignore_eos=False, logit_bias={str(eos): 100.0}))
+    assert biased.output_ids == [eos] and biased.finish == {"type": "stop", "matched": eos}
+
+
+def test_abort_and_memory_accounting(qwen) -> None:
+    engine = _engine(qwen, "rl_parity", max_seq_len=64, max_total_tokens=64, page_size=4, max_running_requests=3)
+    seqs = [engine.add(r) for r in _requests(_prompts(6), max_new_tokens=30)]
+    engine.step()
+    assert len(engine.scheduler.running) == 3 and len(engine.scheduler.waiting) == 3  # three state slots
+    engine.abort("r0")
+    assert seqs[0].finish["type"] == "abort"
+    while engine.has_work():
+        engine.step()
+    assert all(s.finish["type"] == "length" for s in seqs[1:]) and all(len(s.output_ids) == 30 for s in seqs[1:])
+    assert len(engine.kv.free_pages) == engine.kv.num_pages and len(engine.states.free_slots) == 3
+    with pytest.raises(ValueError, match="must hold one request"):
+        _engine(qwen, "rl_parity", max_seq_len=128, max_total_tokens=64)
