@@ -86,11 +86,12 @@ def _logits(name: str, cache_dir: Path, tp: int, preset: str, virtual: bool = Tr
     return model_logits(model, torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.parametrize("preset", ["tp_invariant", "rl_parity"])
 @pytest.mark.parametrize("name", MODELS)
-def test_tp_invariant_virtual_tp_sizes_are_bitwise_equal(name, cache_dir) -> None:
-    ref = _logits(name, cache_dir, 1, "tp_invariant")
+def test_invariant_presets_are_bitwise_equal_across_virtual_tp_sizes(name, preset, cache_dir) -> None:
+    ref = _logits(name, cache_dir, 1, preset)
     for tp in (2, 4, 8):
-        assert torch.equal(_logits(name, cache_dir, tp, "tp_invariant"), ref), f"vtp{tp}"
+        assert torch.equal(_logits(name, cache_dir, tp, preset), ref), f"vtp{tp}"
 
 
 def test_engine_fast_drifts_with_tp_size_and_algorithm(cache_dir) -> None:
