@@ -100,7 +100,12 @@ def worker_loop(model: nn.Module, device: str) -> None:
     caches: dict[int, StateCache] = {}
     while True:
         obj: list[Any] = [None]
-        dist.broadcast_object_list(obj, src=0)
+        try:
+            dist.broadcast_object_list(obj, src=0)
+        except RuntimeError as e:  # rank 0 exited (or crashed) without a stop message: nothing left to serve
+            print(f"parityrt: tensor-parallel rank {dist.get_rank()} lost rank 0 ({str(e).splitlines()[0][:120]}); exiting",
+                  file=sys.stderr, flush=True)
+            return
         freed, msg = obj[0]
         for key in freed:
             caches.pop(key, None)
