@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kernels.rope import default_inv_freq, yarn_inv_freq, yarn_mscale
+from models.base import CausalLM
 from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.head import Embedding, Logprobs, LMHead
 from parityrt.layers.mla import MLAttention
@@ -113,7 +114,7 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class KimiK25ForCausalLM(nn.Module):
+class KimiK25ForCausalLM(CausalLM):
     norm_weight_base = 1.0  # RMSNorm weights are stored as is (not as an offset from 1)
 
     def __init__(self, a: KimiK25Args, dtype: torch.dtype):
@@ -128,18 +129,9 @@ class KimiK25ForCausalLM(nn.Module):
         self.logprobs = Logprobs()
         self.sampler = Sampler()
 
-    def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Final hidden states [T, H] of the batch's new tokens at positions pos_T."""
-        x = self.embed_tokens(ids_T)
+    def rope(self, pos_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(pos_T[None])
-        cos_sin = (cos[0], sin[0])
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos_sin, batch)
-        return self.norm(x, residual)[0]
-
-    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
+        return cos[0], sin[0]
 
     @staticmethod
     def checkpoint_name(name: str) -> tuple[str, Any] | None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.base import CausalLM
 from parityrt.layers.attention import GatedAttention
 from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.gdn import GatedDeltaNet
@@ -97,7 +98,7 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class Qwen35MoeForCausalLM(nn.Module):
+class Qwen35MoeForCausalLM(CausalLM):
     norm_weight_base = 0.0  # zero-centred RMSNorms store w - 1 (the GDN output norm stores w itself)
 
     def __init__(self, a: Qwen35MoeArgs, dtype: torch.dtype):
@@ -114,19 +115,9 @@ class Qwen35MoeForCausalLM(nn.Module):
         self.logprobs = Logprobs()
         self.sampler = Sampler()
 
-    def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Final hidden states [T, H] of the batch's new tokens at positions pos_T (text: the same position on
-        every mRoPE axis)."""
-        x = self.embed_tokens(ids_T)
-        cos, sin = self.rotary(pos_T.view(1, 1, -1).expand(3, 1, -1))
-        cos_sin = (cos[0], sin[0])
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos_sin, batch)
-        return self.norm(x, residual)[0]
-
-    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
+    def rope(self, pos_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary(pos_T.view(1, 1, -1).expand(3, 1, -1))  # text: one position on every mRoPE axis
+        return cos[0], sin[0]
 
     @staticmethod
     def checkpoint_name(name: str) -> tuple[str, Any] | None:
