@@ -26,20 +26,8 @@ from tqdm import tqdm
 from parityrt.config import to_run_config
 from parityrt.engine.engine import Engine
 from parityrt.generation import parse_records
+from parityrt.parity.io import read_jsonl
 from parityrt.runtime import close_runtime, load_runtime, write_run_files
-
-
-def read_requests(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} not found")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON: {e}") from None
-    return records
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -49,7 +37,7 @@ def main(cfg: DictConfig) -> None:
         raise ValueError("set input=FILE.jsonl (SGLang /generate request records, one per line)")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     out_path = Path(run.output) if run.output else run_dir / "outputs.jsonl"
-    records = read_requests(Path(run.input))
+    records = read_jsonl(Path(run.input))
     rt = load_runtime(run)
     write_run_files(run_dir, run, rt)
     requests = []
