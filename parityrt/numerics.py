@@ -148,6 +148,7 @@ class MlaNumerics:
 @dataclass(slots=True, kw_only=True)
 class AttentionNumerics:
     impl: AttentionImpl = AttentionImpl.eager
+    kv_block: int = 0  # eager: pad each query row's keys to a multiple of this (0: transformers' exact length)
 
 
 @dataclass(slots=True, kw_only=True)

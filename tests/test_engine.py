@@ -15,7 +15,7 @@ from parityrt.engine.engine import Engine
 from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
 from parityrt.generation import parse_records
 from parityrt.layers.cache import StateCache
-from parityrt.numerics import bind
+from parityrt.numerics import bind, with_ops
 from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model
 
@@ -87,8 +87,8 @@ def kimi(cache_dir):
     return model
 
 
-def _engine(model, preset: str, **cfg) -> Engine:
-    bind(model, load_preset(preset))
+def _engine(model, preset: str, ops: dict | None = None, **cfg) -> Engine:
+    bind(model, with_ops(load_preset(preset), **ops) if ops else load_preset(preset))
     return Engine(model, TOK, model.args.eos_token_id, EngineConfig(**cfg))
 
 
@@ -134,6 +134,12 @@ def test_rl_parity_alone_batched_preempted_and_rescored(request, model_name) -> 
     seqs = tight.generate(_requests(prompts))
     assert sum(s.num_retractions for s in seqs) > 0
     assert [(s.output_ids, tight.response(s)["meta_info"]["output_token_logprobs"]) for s in seqs] == together
+    # both at once: recomputed requests are re-prefilled in odd chunks (needs attention.kv_block: a key row's
+    # layout must not depend on how many keys exist yet)
+    both = _engine(model, "rl_parity", chunked_prefill_size=23, max_seq_len=96, max_total_tokens=128, page_size=4)
+    seqs = both.generate(_requests(prompts))
+    assert sum(s.num_retractions for s in seqs) > 0
+    assert [(s.output_ids, both.response(s)["meta_info"]["output_token_logprobs"]) for s in seqs] == together
     for prompt, (ids, lps) in zip(prompts, together):
         scorer = _engine(model, "rl_parity")
         [req] = parse_records({"input_ids": prompt + ids, "return_logprob": True, "logprob_start_len": len(prompt),
@@ -189,3 +195,14 @@ def test_abort_and_memory_accounting(qwen) -> None:
     assert len(engine.kv.free_pages) == engine.kv.num_pages and len(engine.states.free_slots) == 3
     with pytest.raises(ValueError, match="must hold one request"):
         _engine(qwen, "rl_parity", max_seq_len=128, max_total_tokens=64)
+
+
+def test_attention_kv_block_is_what_keeps_recomputed_chunks_bitwise(kimi) -> None:
+    """Without padding key rows to a fixed block, a query row's softmax has another length (and so another split
+    between vectorised body and scalar tail of exp) in a 23-token re-prefill chunk than in decode: Kimi's
+    recomputed requests drift. attention.kv_block=64 (rl_parity) removes it (asserted in the test above)."""
+    prompts = _prompts(16)
+    together = _outputs(_engine(kimi, "rl_parity"), _requests(prompts))
+    cfg = dict(chunked_prefill_size=23, max_seq_len=96, max_total_tokens=128, page_size=4)
+    unpadded = _outputs(_engine(kimi, "rl_parity", ops={"attention": {"kv_block": 0}}, **cfg), _requests(prompts))
+    assert unpadded != together

@@ -35,6 +35,8 @@ KNOBS = [
 # Knobs that change the GEMM shape, not the arithmetic CPU libraries do per output element: oneDNN/MKL give the
 # same bits for one [2I, H] GEMM and two [I, H] GEMMs, so on CPU they are checked by the GEMMs they issue.
 SHAPE_KNOBS = [("mlp", "fuse_gate_up", True), ("experts", "fuse_gate_up", False)]
+# attention.kv_block changes the layout of a query row, not one full forward's bits: tested where it matters, prefill
+# chunks vs decode (tests/test_engine.py::test_attention_kv_block_is_what_keeps_recomputed_chunks_bitwise).
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ class Attention(nn.Module):
     def forward(self, q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> torch.Tensor:
         if self.nx.impl == AttentionImpl.sdpa:
             return sdpa_attention(q_BHSD, k_BHLD, v_BHLD, self.scale)
-        return eager_attention_ref(q_BHSD, k_BHLD, v_BHLD, self.scale)
+        return eager_attention_ref(q_BHSD, k_BHLD, v_BHLD, self.scale, self.nx.kv_block)
 
 
 class GatedAttention(nn.Module):
