@@ -152,7 +152,8 @@ def _watch(procs: list[Any]) -> None:
 
 
 def load_tp_model(run: RunConfig) -> TPDriver:
-    """Rank 0 returns a TPDriver; ranks 1..N-1 (spawned, or started by torchrun) serve until rank 0 stops them."""
+    """Rank 0 returns a TPDriver (its shard not yet bound); ranks 1..N-1 (spawned, or started by torchrun) bind
+    their shards and serve until rank 0 stops them."""
     n = run.parallel.tp_size
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun's rendezvous contract
         if int(os.environ["WORLD_SIZE"]) != n:
@@ -174,7 +175,6 @@ def load_tp_model(run: RunConfig) -> TPDriver:
             p.start()
         threading.Thread(target=_watch, args=(procs,), daemon=True).start()
         _init_group(run, 0, init_method)
-    model = _build_shard(run, 0)
-    bind(model, run.numerics)
+    model = _build_shard(run, 0)  # bound by the caller (load_runtime), which keeps the resolved table
     dist.barrier()
     return TPDriver(model, procs)
