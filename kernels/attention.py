@@ -1,10 +1,15 @@
 """Causal GQA attention over a query block that starts at position `past` of its sequence.
-q_BHSD: [B, Hq, S, D]; k_BHLD, v_BHLD: [B, Hkv, L, D] with L = past + S (cached keys first)."""
+q_BHSD: [B, Hq, S, D]; k_BHLD, v_BHLD: [B, Hkv, L, D] with L = past + S (cached keys first).
+Torch references (eager, sdpa, the split-KV mirror) and the fixed split-KV Triton kernel (attention_split_kv)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._triton import check_device, finish, store_dtype
 
 
 def _causal_mask(S: int, L: int, device: torch.device) -> torch.Tensor:
@@ -40,3 +45,200 @@ def sdpa_attention(q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Ten
     S, L = q_BHSD.shape[2], k_BHLD.shape[2]
     mask = _causal_mask(S, L, q_BHSD.device) if S > 1 else None
     return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixed split-KV attention: one op sequence per query row, whatever the chunking (prefill == decode, bitwise).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _visible(S: int, L: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    # [S, hi - lo]: query i (absolute position L - S + i) sees key j when j <= L - S + i
+    q_pos = torch.arange(L - S, L, device=device)[:, None]
+    return torch.arange(lo, hi, device=device)[None, :] <= q_pos
+
+
+def attention_split_kv_ref(
+    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, split: int = 64,
+    round_p: bool = False,
+) -> torch.Tensor:
+    """attention_split_kv's op sequence in torch (all fp32, keys in blocks of `split` from position 0):
+        s = (q·kᵀ) * scale, masked keys -> -inf;  m' = max(m, rowmax s);  a = exp(m - m');  p = exp(s - m')
+        l = l·a + rowsum p;  acc = acc·a + p·v;  m = m';   finally o = (acc / l) rounded once to q's dtype.
+    The elementwise ops are the kernel's, in the kernel's order; the dot products, rowsums and the order in which
+    p·v is added to acc differ in summation order only. round_p: p is rounded to q's dtype before p·v (what the
+    kernel does on a GPU with bf16 inputs; l still sums the unrounded p)."""
+    B, Hq, S, _ = q_BHSD.shape
+    L = k_BHLD.shape[2]
+    groups = Hq // k_BHLD.shape[1]
+    q = q_BHSD.float()
+    k = k_BHLD.float().repeat_interleave(groups, dim=1)
+    v = v_BHLD.float().repeat_interleave(groups, dim=1)
+    m = torch.full((B, Hq, S, 1), float("-inf"), device=q.device)
+    l = torch.zeros((B, Hq, S, 1), device=q.device)
+    acc = torch.zeros((B, Hq, S, v.shape[-1]), device=q.device)
+    for lo in range(0, L, split):
+        hi = min(lo + split, L)
+        s = torch.matmul(q, k[:, :, lo:hi].transpose(2, 3)) * scale
+        s = s.masked_fill(~_visible(S, L, lo, hi, q.device), float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(s - m_new)
+        l = l * alpha + p.sum(-1, keepdim=True)
+        p_v = p.to(q_BHSD.dtype).float() if round_p else p
+        acc = acc * alpha + torch.matmul(p_v, v[:, :, lo:hi])
+        m = m_new
+    return (acc / l).to(q_BHSD.dtype)
+
+
+@triton.jit
+def _attend_block(
+    q, m, l, acc, k_base, v_base, sk_l, sv_l, lo, L, q_pos, keys, dqk, dv, scale,
+    DQK: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, BF16_MMA: tl.constexpr,
+):
+    """One block of SPLIT keys starting at absolute key position `lo`: the online-softmax update of (m, l, acc).
+    MASKED=False only for blocks every row of the tile sees whole (no key >= L, none in a row's future); the
+    masked path would give the same bits there (where() keeps every score), it only costs more."""
+    key = lo + keys
+    if MASKED:
+        key_ok = key < L
+        kT_mask = key_ok[None, :] & (dqk[:, None] < DQK)
+        kT = tl.load(k_base + key[None, :] * sk_l + dqk[:, None], mask=kT_mask, other=0.0)
+        v = tl.load(v_base + key[:, None] * sv_l + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    else:
+        kT = tl.load(k_base + key[None, :] * sk_l + dqk[:, None], mask=dqk[:, None] < DQK, other=0.0)
+        v = tl.load(v_base + key[:, None] * sv_l + dv[None, :], mask=dv[None, :] < DV, other=0.0)
+    if BF16_MMA:
+        s = tl.dot(q, kT)  # bf16 products, fp32 accumulation in the MMA's own order over the fixed BLOCK_DQK
+    else:
+        s = tl.dot(q, kT.to(tl.float32), input_precision="ieee")
+    s = s * scale
+    if MASKED:
+        s = tl.where(key[None, :] <= q_pos[:, None], s, float("-inf"))  # causal; also hides keys >= L
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)  # exactly 1 when the block adds nothing to the row (m_new == m)
+    p = tl.exp(s - m_new[:, None])  # exactly 0 for hidden keys
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if BF16_MMA:
+        acc = tl.dot(p.to(tl.bfloat16), v, acc)  # p rounded to nearest-even bf16 (GPU cast); fp32 accumulation
+    else:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+    return m_new, l, acc
+
+
+@triton.jit
+def _attention_split_kv_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_s,
+    S, L, Hkv, scale,
+    G: tl.constexpr,  # query heads per kv head; a tile's rows are (query, head-in-group) pairs sharing K/V loads
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BF16_MMA: tl.constexpr,  # GPU + bf16 inputs: q·kᵀ on bf16 operands, p rounded to bf16 for p·v; else fp32 ieee
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hkv = (pid_bh % Hkv).to(tl.int64)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # over S * G rows: row = query * G + head-in-group
+    row_ok = rows < S * G
+    s_idx = tl.minimum(rows // G, S - 1)  # padding rows act as the last query (finite math, never stored)
+    head = hkv * G + rows % G
+    q_pos = L - S + s_idx  # absolute position: this row sees keys 0..q_pos
+
+    dqk = tl.arange(0, BLOCK_DQK)
+    dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = q_ptr + b * sq_b + head[:, None] * sq_h + s_idx[:, None] * sq_s + dqk[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (dqk[None, :] < DQK), other=0.0)
+    if not BF16_MMA:
+        q = q.to(tl.float32)
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    keys = tl.arange(0, SPLIT)
+    k_base = k_ptr + b * sk_b + hkv * sk_h
+    v_base = v_ptr + b * sv_b + hkv * sv_h
+    # blocks [0, full) are seen whole by every row of the tile (its first query sees keys 0..L-S+first);
+    # blocks [full, hi) need the causal mask; blocks past the tile's last query are invisible to all its rows and
+    # skipped. Those bounds change the work, never a row's bits: a block that adds nothing to a row is an exact
+    # no-op for it (alpha = exp(0) = 1, p = 0).
+    first = (pid_m * BLOCK_M) // G
+    last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, S - 1)
+    full = (L - S + first + 1) // SPLIT * SPLIT
+    hi = L - S + last + 1
+    for lo in range(0, full, SPLIT):
+        m, l, acc = _attend_block(q, m, l, acc, k_base, v_base, sk_l, sv_l, lo, L, q_pos, keys, dqk, dv, scale,
+                                  DQK, DV, False, BF16_MMA)
+    for lo in range(full, hi, SPLIT):
+        m, l, acc = _attend_block(q, m, l, acc, k_base, v_base, sk_l, sv_l, lo, L, q_pos, keys, dqk, dv, scale,
+                                  DQK, DV, True, BF16_MMA)
+
+    o = acc / l[:, None]
+    o_ptrs = o_ptr + b * so_b + head[:, None] * so_h + s_idx[:, None] * so_s + dv[None, :]
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+
+
+def _tile(block_dqk: int, block_dv: int) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, num_stages) from the head dims only, never from S, L or the batch: the MMA shape and
+    the reduction layouts then stay the same for every call on a model (the invariance rests on it).
+    Measured on an H100 (bf16, split 64, B = 1; prefill S = L = 4096 (2048 for MLA), decode S = 1), us for
+    64x4 warps x3 stages vs the best other tried (128x8x3, 128x8x2, 64x4x2, 64x8x2, 128x4x3, 64x4x4):
+    128 (32/4 heads): prefill 381 (best), decode L 4096 91 (best; 113 with 128x8x3);
+    256 (16/2): prefill 384 (334 with 128x8x2), decode L 8192 263 (best; 340 with 128x8x2);
+    192/128 (16/16): prefill 111 (97 with 128x8x3), decode L 4096 70 (best; 100 with 128x8x3).
+    128-row tiles with 3 stages do not fit in shared memory at 256. Wider heads (absorbed MLA, 576/512) get one
+    stage and 8 warps so that the tiles fit (not measured)."""
+    if max(block_dqk, block_dv) <= 256:
+        return 64, 4, 3
+    return 64, 8, 1
+
+
+def attention_split_kv(
+    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, split: int = 64
+) -> torch.Tensor:
+    """Causal GQA attention with a fixed split-KV order. q [B, Hq, S, Dqk] at absolute positions L-S..L-1;
+    k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv] (cached keys first); Hkv divides Hq; Dqk may differ from Dv (MLA)
+    and neither needs to be a power of two (zero-padded lanes add exact zeros). Returns o [B, Hq, S, Dv].
+
+    Per query row, keys are taken in blocks of `split` starting at key 0, in ascending order, with an online
+    softmax in fp32: s = dot(q, k) * scale (fp32 accumulation), invisible keys -> -inf, m' = max(m, rowmax s),
+    a = exp(m - m'), p = exp(s - m'), l = l·a + rowsum p, acc = acc·a then acc += p·v (accumulated into acc by
+    the dot), m = m'; o = acc / l rounded once to q's dtype. Operands: fp32 inputs (or the interpreter) compute
+    every dot on fp32 values (ieee); bf16 inputs on a GPU use bf16 MMA operands for q·kᵀ and p rounded to bf16
+    for p·v (l sums the unrounded fp32 p), accumulating in fp32.
+    Block boundaries are absolute key positions and a row's op sequence depends on neither S, the chunking,
+    the batch nor its place in the tile (fixed tile from the head dims), so a token's output is bitwise the same
+    in a prefill of any length or chunking and in decode (S = 1). attention_split_kv_ref is the torch mirror."""
+    check_device(q_BHSD, k_BHLD, v_BHLD)
+    B, Hq, S, DQK = q_BHSD.shape
+    _, Hkv, L, DV = v_BHLD.shape
+    if k_BHLD.shape != (B, Hkv, L, DQK) or v_BHLD.shape[0] != B or Hq % Hkv:
+        raise ValueError(f"shapes q {tuple(q_BHSD.shape)}, k {tuple(k_BHLD.shape)}, v {tuple(v_BHLD.shape)} do not fit")
+    if L < S:
+        raise ValueError(f"{S} queries need at least as many keys, got {L}")
+    if split < 16 or split > 256 or split & (split - 1):
+        raise ValueError(f"split must be a power of two in [16, 256], got {split}")
+    dtype = q_BHSD.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or k_BHLD.dtype != dtype or v_BHLD.dtype != dtype:
+        raise ValueError(f"q, k, v must share one dtype, fp32 or bf16: {q_BHSD.dtype}, {k_BHLD.dtype}, {v_BHLD.dtype}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BHSD, k_BHLD, v_BHLD))
+    o = torch.empty((B, Hq, S, DV), dtype=store_dtype(dtype, q.device), device=q.device)
+    if B * S == 0:
+        return finish(o, dtype)
+    G = Hq // Hkv
+    block_dqk, block_dv = max(16, triton.next_power_of_2(DQK)), max(16, triton.next_power_of_2(DV))
+    block_m, num_warps, num_stages = _tile(block_dqk, block_dv)
+    grid = (triton.cdiv(S * G, block_m), B * Hkv)
+    _attention_split_kv_kernel[grid](
+        q, k, v, o,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        S, L, Hkv, scale,
+        G=G, DQK=DQK, DV=DV, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, SPLIT=split, BLOCK_M=block_m,
+        BF16_MMA=q.device.type == "cuda" and dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return finish(o, dtype)
