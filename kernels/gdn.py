@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._triton import check_device, finish, store_dtype
 
 
 def _prepare(q, k, v, beta, g):
@@ -89,3 +93,255 @@ def causal_conv1d_ref(x_BCS: torch.Tensor, w_CK: torch.Tensor, state_BCW: torch.
         full = torch.cat([state_BCW.to(x_BCS.dtype), x_BCS], dim=-1)
         y = F.conv1d(full.to(w_CK.dtype), w_CK.unsqueeze(1), groups=C)[..., -S:]
     return F.silu(y).to(x_BCS.dtype), full[..., -(Kc - 1):].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels. Everything is computed in fp32 (inputs are upcast on load; state and intermediates stay fp32);
+# only the output is rounded, once, to q.dtype (in-kernel on a GPU, by the launcher under the interpreter).
+# Tiles depend on Dk, Dv and the chunk length only, never on B or S; no split over time, no atomics: every
+# reduction has one fixed order, so a sequence's bits do not depend on what else is in the batch.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+# Launch settings, fixed constants (never picked per call: the warp count shapes the layouts and hence the tl.sum /
+# tl.dot reduction trees, so the bits depend on it; the pipelining depth does not change the arithmetic).
+_PREP_WARPS, _SCAN_WARPS, _SCAN_STAGES, _SCAN_BV = 4, 4, 1, 32
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # >= 16: tl.dot's smallest operand dimension
+
+
+def _dot_precision(device: torch.device) -> str:
+    """How tl.dot multiplies its fp32 operands. GPU: "tf32x3" (each operand split as hi + lo, both tf32; hi·hi +
+    hi·lo + lo·hi on tensor cores, fp32 accumulate): ~2^-22 relative per product, close to fp32, and ~20x faster
+    than "ieee" (CUDA-core FMA) on H100; never plain "tf32" (2^-11), Triton's default for fp32 operands.
+    Interpreter: "ieee" (it ignores the setting anyway: numpy fp32 matmul)."""
+    return "tf32x3" if device.type == "cuda" else "ieee"
+
+
+@triton.jit
+def _l2norm_rows(x):
+    """x * rsqrt(sum(x*x) + eps) per row (axis 1), fp32; one fixed tl.sum tree over the (padded) feature axis."""
+    return x * tl.rsqrt(tl.sum(x * x, axis=1) + 1e-6)[:, None]
+
+
+@triton.jit(do_not_specialize=["S"])
+def _recurrent_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s0_ptr, o_ptr, s_ptr,
+    S, Hv, Dk, Dv, groups, scale,
+    sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d,
+    sg_b, sg_s, sg_h, sb_b, sb_s, sb_h,
+    HAS_STATE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    # S is never specialised (not even S == 1): prefill and decode run the same binary, the same op sequence.
+    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // Hv, pid_bh % Hv
+    hk = h // groups
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mk, mv = offs_k < Dk, offs_v < Dv
+    st_off = pid_bh.to(tl.int64) * Dk * Dv + offs_k[:, None] * Dv + offs_v[None, :]
+    st_mask = mk[:, None] & mv[None, :]
+    if HAS_STATE:
+        state = tl.load(s0_ptr + st_off, mask=st_mask, other=0.0)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    q_base = q_ptr + b.to(tl.int64) * sq_b + hk * sq_h + offs_k * sq_d
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hk * sk_h + offs_k * sk_d
+    v_base = v_ptr + b.to(tl.int64) * sv_b + h * sv_h + offs_v * sv_d
+    o_base = o_ptr + (b.to(tl.int64) * S * Hv + h) * Dv + offs_v
+    for t in range(S):
+        q = tl.load(q_base + t * sq_s, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(k_base + t * sk_s, mask=mk, other=0.0).to(tl.float32)
+        v = tl.load(v_base + t * sv_s, mask=mv, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + b * sg_b + t * sg_s + h * sg_h).to(tl.float32)
+        beta = tl.load(beta_ptr + b * sb_b + t * sb_s + h * sb_h).to(tl.float32)
+        q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
+        k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+        state = state * tl.exp(g)
+        kv_mem = tl.sum(state * k[:, None], axis=0)  # Sᵀk: fp32 tree over Dk, per column
+        delta = (v - kv_mem) * beta
+        state = state + k[:, None] * delta[None, :]
+        o = tl.sum(state * q[:, None], axis=0)  # Sᵀq: fp32 tree over Dk, per column
+        tl.store(o_base + t * Hv * Dv, o.to(o_ptr.dtype.element_ty), mask=mv)
+    tl.store(s_ptr + st_off, state, mask=st_mask)
+
+
+def recurrent_gated_delta_rule_triton(
+    q, k, v, g, beta, state_BHKV: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """recurrent_gated_delta_rule_ref's contract in one Triton kernel: one program per (sequence, value head,
+    BV state columns), walking the tokens in order with its [Dk, BV] fp32 state block in registers.
+
+    Per token, all fp32: q, k <- x * rsqrt(Σx² + 1e-6) (tree sum over Dk), q <- q * Dk^-1/2;  S <- S * exp(g);
+    kv = Σ_k S[k, :] * k[k] (tree over Dk);  delta = (v - kv) * beta;  S <- S + k deltaᵀ;  o = Σ_k S[k, :] * q[k].
+    The op sequence is the same for every token whatever S is, so a prefill and the same tokens fed one by one
+    (carrying the state) give the same bits. Output rounded once to q.dtype; state returned in fp32."""
+    check_device(q, k, v, g, beta, *([state_BHKV] if state_BHKV is not None else []))
+    out_dtype = q.dtype
+    if not q.is_cuda:  # interpreter: hand it fp32 (exact upcast), it mishandles bf16
+        q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    B, S, Hk, Dk = k.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    BK, BV = _pow2(Dk), min(32, _pow2(Dv))
+    new_state = torch.empty(B, Hv, Dk, Dv, dtype=torch.float32, device=v.device)
+    s0 = state_BHKV.to(torch.float32).contiguous() if state_BHKV is not None else new_state
+    o = torch.empty(B, S, Hv, Dv, dtype=store_dtype(out_dtype, v.device), device=v.device)
+    _recurrent_kernel[(B * Hv, triton.cdiv(Dv, BV))](
+        q, k, v, g, beta, s0, o, new_state, S, Hv, Dk, Dv, Hv // Hk, Dk ** -0.5,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(),
+        HAS_STATE=state_BHKV is not None, BK=BK, BV=BV, num_warps=4,
+    )
+    return finish(o, out_dtype), new_state
+
+
+@triton.jit
+def _load_chunk(q_ptr, k_ptr, g_ptr, b, h, hk, c, S, Dk, scale,
+                sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sg_b, sg_s, sg_h,
+                C: tl.constexpr, BK: tl.constexpr):
+    """One chunk's normalised q (scaled by Dk^-1/2), normalised k, and the cumulative log decay gc (fp32 tl.cumsum
+    over the chunk). Rows past S read as zeros (q = k = 0, g = 0), exactly the reference's zero padding."""
+    t = c * C + tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    m = (t < S)[:, None] & (offs_k < Dk)[None, :]
+    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + t[:, None] * sq_s + hk * sq_h + offs_k[None, :] * sq_d, m, other=0.0)
+    k = tl.load(k_ptr + b.to(tl.int64) * sk_b + t[:, None] * sk_s + hk * sk_h + offs_k[None, :] * sk_d, m, other=0.0)
+    g = tl.load(g_ptr + b.to(tl.int64) * sg_b + t * sg_s + h * sg_h, mask=t < S, other=0.0).to(tl.float32)
+    q = _l2norm_rows(q.to(tl.float32)) * scale
+    k = _l2norm_rows(k.to(tl.float32))
+    return q, k, tl.cumsum(g, axis=0)
+
+
+@triton.jit
+def _chunk_prepare_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, u_ptr, w_ptr,
+    S, Hv, Dk, Dv, groups, scale,
+    sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d,
+    sg_b, sg_s, sg_h, sb_b, sb_s, sb_h,
+    C: tl.constexpr, LOG2_C: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Per (sequence, value head, chunk): u = T (beta·v), w = T (beta·exp(gc)·k) with T = (I + A)^-1,
+    A[i, j] = beta_i (k_i·k_j) exp(gc_i - gc_j) for j < i. Chunks are independent: this stage is parallel over time."""
+    pid_bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // Hv, pid_bh % Hv
+    _q, k, gc = _load_chunk(q_ptr, k_ptr, g_ptr, b, h, h // groups, c, S, Dk, scale,
+                            sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sg_b, sg_s, sg_h, C, BK)
+    rows, cols = tl.arange(0, C), tl.arange(0, C)
+    t = c * C + rows
+    beta = tl.load(beta_ptr + b.to(tl.int64) * sb_b + t * sb_s + h * sb_h, mask=t < S, other=0.0).to(tl.float32)
+    kb = k * beta[:, None]
+    # A[i, j] = kb_i·k_j · exp(gc_i - gc_j) for j < i (strictly lower), 0 elsewhere
+    strict = cols[None, :] < rows[:, None]
+    a = tl.dot(kb, tl.trans(k), input_precision=DOT_PREC)
+    a = tl.where(strict, a * tl.exp(tl.where(strict, gc[:, None] - gc[None, :], 0.0)), 0.0)
+    # T = (I + A)^-1, blockwise (stable: substitution within blocks, then exact block-inverse formulas):
+    # 1. the 16x16 diagonal blocks by forward substitution, step r computing row r of every block at once:
+    #    T[i, :] = e_i - Σ_{j<i, same block} A[i, j] T[j, :] as one tl.dot (rows not yet computed are still e_j
+    #    and meet only A[i, j>=i] = 0)
+    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+    a_diag = tl.where(rows[:, None] // 16 == cols[None, :] // 16, a, 0.0)
+    inv = eye
+    for r in range(16):
+        sel = (rows % 16 == r)[:, None]
+        inv = tl.where(sel, eye - tl.dot(tl.where(sel, a_diag, 0.0), inv, input_precision=DOT_PREC), inv)
+    # 2. double the block size b -> 2b until it is C: with D block-diagonal (b), [[D1, 0], [-D2 A21 D1, D2]] is the
+    #    inverse of each 2b block: D <- D - D (A masked to the A21 blocks) D
+    for s in tl.static_range(LOG2_C - 4):
+        same_2b = rows[:, None] // (32 << s) == cols[None, :] // (32 << s)
+        lower_left = same_2b & (rows[:, None] // (16 << s) != cols[None, :] // (16 << s))
+        off = tl.dot(inv, tl.where(lower_left, a, 0.0), input_precision=DOT_PREC)
+        inv = inv - tl.dot(off, inv, input_precision=DOT_PREC)
+    offs_k, offs_v = tl.arange(0, BK), tl.arange(0, BDV)
+    base = pid_bh.to(tl.int64) * tl.num_programs(1) * C + t  # row of the [B*Hv, NC*C, D] scratch buffers
+    w = tl.dot(inv, kb * tl.exp(gc)[:, None], input_precision=DOT_PREC)
+    tl.store(w_ptr + base[:, None] * Dk + offs_k[None, :], w, mask=(offs_k < Dk)[None, :])
+    mv = (t < S)[:, None] & (offs_v < Dv)[None, :]
+    v = tl.load(v_ptr + b.to(tl.int64) * sv_b + t[:, None] * sv_s + h * sv_h + offs_v[None, :] * sv_d, mv, other=0.0)
+    u = tl.dot(inv, v.to(tl.float32) * beta[:, None], input_precision=DOT_PREC)
+    tl.store(u_ptr + base[:, None] * Dv + offs_v[None, :], u, mask=(offs_v < Dv)[None, :])
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, o_ptr, s_ptr,
+    S, NC, Hv, Dk, Dv, groups, scale,
+    sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sg_b, sg_s, sg_h,
+    HAS_STATE: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Per (sequence, value head, BV state columns): walk the chunks in order with the [Dk, BV] fp32 state in
+    registers. v_new = u - w S;  o = (exp(gc)·q) S + ((q kᵀ) ∘ exp(gc_i - gc_j))_{j<=i} v_new;
+    S <- exp(gc_last) S + (exp(gc_last - gc)·k)ᵀ v_new."""
+    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // Hv, pid_bh % Hv
+    rows, cols = tl.arange(0, C), tl.arange(0, C)
+    offs_k, offs_v = tl.arange(0, BK), pid_v * BV + tl.arange(0, BV)
+    mk, mv = offs_k < Dk, offs_v < Dv
+    st_off = pid_bh.to(tl.int64) * Dk * Dv + offs_k[:, None] * Dv + offs_v[None, :]
+    st_mask = mk[:, None] & mv[None, :]
+    if HAS_STATE:
+        state = tl.load(s0_ptr + st_off, mask=st_mask, other=0.0)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    causal = cols[None, :] <= rows[:, None]
+    for c in range(NC):
+        q, k, gc = _load_chunk(q_ptr, k_ptr, g_ptr, b, h, h // groups, c, S, Dk, scale,
+                               sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sg_b, sg_s, sg_h, C, BK)
+        t = c * C + rows
+        base = pid_bh.to(tl.int64) * NC * C + t
+        u = tl.load(u_ptr + base[:, None] * Dv + offs_v[None, :], mask=mv[None, :], other=0.0)
+        w = tl.load(w_ptr + base[:, None] * Dk + offs_k[None, :], mask=mk[None, :], other=0.0)
+        v_new = u - tl.dot(w, state, input_precision=DOT_PREC)
+        intra = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        intra = tl.where(causal, intra * tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0)), 0.0)
+        o_inter = tl.dot(q * tl.exp(gc)[:, None], state, input_precision=DOT_PREC)
+        o = o_inter + tl.dot(intra, v_new, input_precision=DOT_PREC)  # two dots, then one fp32 add (as the ref)
+        o_off = ((b.to(tl.int64) * S + t[:, None]) * Hv + h) * Dv + offs_v[None, :]
+        tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=(t < S)[:, None] & mv[None, :])
+        g_last = tl.sum(tl.where(rows == C - 1, gc, 0.0), axis=0)  # gc of the chunk's last row (exact: + zeros)
+        k_dec = k * tl.exp(g_last - gc)[:, None]
+        state = state * tl.exp(g_last) + tl.dot(tl.trans(k_dec), v_new, input_precision=DOT_PREC)
+    tl.store(s_ptr + st_off, state, mask=st_mask)
+
+
+def chunked_gated_delta_rule_triton(
+    q, k, v, g, beta, state_BHKV: torch.Tensor | None, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunked_gated_delta_rule_ref's contract in two Triton kernels (fp32 throughout):
+    1. _chunk_prepare_kernel, parallel over (sequence, value head, chunk): T = (I + A)^-1 (16x16 diagonal blocks by
+       forward substitution, then block doubling), u = T·(beta v), w = T·(beta exp(gc) k) into fp32 scratch.
+    2. _chunk_scan_kernel, parallel over (sequence, value head, BV columns), chunks in order (see its docstring).
+    Reductions: gc = tl.cumsum of g within a chunk (fp32); every tl.dot has fp32 operands (precision: see
+    _dot_precision) and reduces its whole K (Dk, or the chunk) in one call with fp32 accumulation, in the order the
+    compiled MMA sequence fixes (no K split, no atomics); row norms are fixed tl.sum trees; chunks are scanned in
+    order. Chunks are aligned to the call's first token, so nothing depends on the batch or on a sequence's
+    position in it; a call split at a chunk boundary (state carried) gives the same bits as one call."""
+    check_device(q, k, v, g, beta, *([state_BHKV] if state_BHKV is not None else []))
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
+    out_dtype = q.dtype
+    if not q.is_cuda:  # interpreter: hand it fp32 (exact upcast), it mishandles bf16
+        q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    B, S, Hk, Dk = k.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    BK, BDV, BV = _pow2(Dk), _pow2(Dv), min(_SCAN_BV, _pow2(Dv))
+    NC = triton.cdiv(S, chunk)
+    prec = _dot_precision(v.device)
+    u = torch.empty(B * Hv, NC * chunk, Dv, dtype=torch.float32, device=v.device)
+    w = torch.empty(B * Hv, NC * chunk, Dk, dtype=torch.float32, device=v.device)
+    qk_strides = (*q.stride(), *k.stride())
+    _chunk_prepare_kernel[(B * Hv, NC)](
+        q, k, v, g, beta, u, w, S, Hv, Dk, Dv, Hv // Hk, Dk ** -0.5,
+        *qk_strides, *v.stride(), *g.stride(), *beta.stride(),
+        C=chunk, LOG2_C=chunk.bit_length() - 1, BK=BK, BDV=BDV, DOT_PREC=prec, num_warps=_PREP_WARPS,
+    )
+    new_state = torch.empty(B, Hv, Dk, Dv, dtype=torch.float32, device=v.device)
+    s0 = state_BHKV.to(torch.float32).contiguous() if state_BHKV is not None else new_state
+    o = torch.empty(B, S, Hv, Dv, dtype=store_dtype(out_dtype, v.device), device=v.device)
+    _chunk_scan_kernel[(B * Hv, triton.cdiv(Dv, BV))](
+        q, k, g, u, w, s0, o, new_state, S, NC, Hv, Dk, Dv, Hv // Hk, Dk ** -0.5,
+        *qk_strides, *g.stride(),
+        HAS_STATE=state_BHKV is not None, C=chunk, BK=BK, BV=BV, DOT_PREC=prec, num_warps=_SCAN_WARPS,
+        num_stages=_SCAN_STAGES,
+    )
+    return finish(o, out_dtype), new_state
