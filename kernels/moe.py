@@ -10,14 +10,17 @@ import torch
 import torch.nn.functional as F
 
 
-def gate_up_silu(x_TH: torch.Tensor, gate_up_2IH: torch.Tensor, fuse: bool) -> torch.Tensor:
+def gate_up_silu(
+    x_TH: torch.Tensor, gate_up_2IH: torch.Tensor, fuse: bool, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+) -> torch.Tensor:
     """silu(x·Wgᵀ) · (x·Wuᵀ), every op in the model dtype. fuse: one GEMM over the concatenated [2I, H] weight
-    (whether the split changes bits depends on the GEMM library's tiling for the two output widths)."""
+    (whether the split changes bits depends on the GEMM library's tiling for the two output widths). `mm` is the
+    GEMM (x, W) -> x·Wᵀ: the library's by default, a fixed-tile kernel where the policy asks for one."""
     inter = gate_up_2IH.shape[0] // 2
     if fuse:
-        gate, up = F.linear(x_TH, gate_up_2IH).chunk(2, dim=-1)
+        gate, up = mm(x_TH, gate_up_2IH).chunk(2, dim=-1)
     else:
-        gate, up = F.linear(x_TH, gate_up_2IH[:inter]), F.linear(x_TH, gate_up_2IH[inter:])
+        gate, up = mm(x_TH, gate_up_2IH[:inter]), mm(x_TH, gate_up_2IH[inter:])
     return F.silu(gate) * up
 
 

@@ -79,6 +79,30 @@ class GdnAlgo(str, Enum):
 class AttentionImpl(str, Enum):
     eager = "eager"  # HF eager: bf16 scores, fp32 softmax rounded to bf16, bf16 PV matmul
     sdpa = "sdpa"  # torch scaled_dot_product_attention (fused math on CPU, flash/mem-efficient on GPU)
+    triton = "triton"  # kernels/attention.py: fp32 online softmax over fixed split_kv key blocks; prefill == decode
+    flashinfer = "flashinfer"  # FlashInfer's prefill/decode kernels (GPU, the `gpu` extra); fast, not invariant
+
+
+class KernelBackend(str, Enum):
+    """Who runs the ops whose `impl` is auto. torch: library GEMMs and torch ops (CPU and GPU; the CPU tests).
+    triton: parityrt's fixed-tile Triton kernels (GPU): batch-invariant GEMMs, TBIK tree GEMM, fused MoE, norms,
+    GDN. The op semantics (rounding points, orders the knobs name) stay; the bits are the kernel's."""
+
+    torch = "torch"
+    triton = "triton"
+
+
+class Impl(str, Enum):
+    auto = "auto"  # the policy's `kernels` backend
+    torch = "torch"
+    triton = "triton"
+
+
+class NormImpl(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    triton = "triton"
+    flashinfer = "flashinfer"  # flashinfer.norm (fused_add_rmsnorm): plain-weight norms only, not batch-invariant
 
 
 class LogprobFormula(str, Enum):
@@ -92,13 +116,22 @@ class SamplingMethod(str, Enum):
 
 
 @dataclass(slots=True, kw_only=True)
+class LinearNumerics:
+    """Replicated and column-parallel projections: each output column is one dot product over the whole K."""
+
+    impl: Impl = Impl.auto  # torch: the library GEMM (cuBLAS picks kernels by M); triton: fixed tiles, no split-K
+
+
+@dataclass(slots=True, kw_only=True)
 class RouterNumerics:
+    impl: Impl = Impl.auto  # the router GEMM
     logits_dtype: RouterDtype = RouterDtype.native
     weights_dtype: RouterDtype = RouterDtype.native
 
 
 @dataclass(slots=True, kw_only=True)
 class ExpertsNumerics:
+    impl: Impl = Impl.auto  # torch: a GEMM per hit expert; triton: kernels/fused_moe.py (grouped GEMM, same rounding)
     combine: Combine = Combine.index_add_bf16
     order: CombineOrder = CombineOrder.expert_id
     fuse_gate_up: bool = True  # transformers' experts run one GEMM over the stored [2I, H] gate_up tensor
@@ -110,6 +143,7 @@ class ExpertsNumerics:
 
 @dataclass(slots=True, kw_only=True)
 class RowLinearNumerics:
+    impl: Impl = Impl.auto  # library order -> fixed-tile GEMM; tree order -> TBIK tree kernel
     k_order: KOrder = KOrder.library
     tile_k: int = 64  # tree order: K tile width
     tile_dtype: Precision = Precision.native  # the dtype each K block / tile GEMM result is rounded to
@@ -125,17 +159,20 @@ class AllReduceNumerics:
 
 @dataclass(slots=True, kw_only=True)
 class MlpNumerics:
+    impl: Impl = Impl.auto  # the gate/up GEMMs (down is a row_linear)
     fuse_gate_up: bool = False  # one concatenated [2I, H] GEMM instead of separate gate and up GEMMs
 
 
 @dataclass(slots=True, kw_only=True)
 class NormNumerics:
+    impl: NormImpl = NormImpl.auto
     # fused add+RMSNorm: the residual sum stays fp32 into the norm (only the stored residual is rounded)
     fuse_residual: bool = False
 
 
 @dataclass(slots=True, kw_only=True)
 class GdnNumerics:
+    impl: Impl = Impl.auto  # the delta rule (projections are linear / row_linear ops)
     algo: GdnAlgo = GdnAlgo.chunked
     chunk_size: int = 64
 
@@ -149,6 +186,7 @@ class MlaNumerics:
 class AttentionNumerics:
     impl: AttentionImpl = AttentionImpl.eager
     kv_block: int = 0  # eager: pad each query row's keys to a multiple of this (0: transformers' exact length)
+    split_kv: int = 64  # triton: keys per online-softmax block, counted from key 0 (a fixed size, not a count)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -158,6 +196,7 @@ class RopeNumerics:
 
 @dataclass(slots=True, kw_only=True)
 class LmHeadNumerics:
+    impl: Impl = Impl.auto
     dtype: Precision = Precision.native  # native: bf16 logits (HF); fp32: fp32 GEMM over upcast inputs
 
 
@@ -173,6 +212,7 @@ class SamplingNumerics:
 
 @dataclass(slots=True, kw_only=True)
 class OpsNumerics:
+    linear: LinearNumerics = field(default_factory=LinearNumerics)
     router: RouterNumerics = field(default_factory=RouterNumerics)
     experts: ExpertsNumerics = field(default_factory=ExpertsNumerics)
     mlp: MlpNumerics = field(default_factory=MlpNumerics)
@@ -201,6 +241,7 @@ class LayerOverride:
 class NumericsPolicy:
     name: str = "custom"
     deterministic: bool = True  # torch.use_deterministic_algorithms, TF32 off
+    kernels: KernelBackend = KernelBackend.torch  # what `impl: auto` means for every op
     ops: OpsNumerics = field(default_factory=OpsNumerics)
     overrides: list[LayerOverride] = field(default_factory=list)  # later entries win
 
@@ -211,6 +252,8 @@ class NumericsPolicy:
         for ov in self.overrides:
             if ov.op == op and fnmatch.fnmatchcase(fqn, ov.pattern):
                 nx = _replace_checked(nx, ov.set, where=f"override {ov.pattern!r} for {op}")
+        if getattr(nx, "impl", None) == "auto":  # Impl.auto and NormImpl.auto
+            nx = dataclasses.replace(nx, impl=type(nx.impl)(self.kernels.value))
         return nx
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import eager_attention_ref, sdpa_attention
+from kernels.attention import attention_split_kv, eager_attention_ref, sdpa_attention
+from parityrt.layers import flashinfer_ops
 from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.linear import ColumnParallelLinear, RowParallelLinear
 from parityrt.layers.norm import RMSNorm
@@ -22,8 +23,13 @@ class Attention(nn.Module):
         self.nx = AttentionNumerics()
 
     def forward(self, q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> torch.Tensor:
-        if self.nx.impl == AttentionImpl.sdpa:
+        impl = self.nx.impl
+        if impl == AttentionImpl.sdpa:
             return sdpa_attention(q_BHSD, k_BHLD, v_BHLD, self.scale)
+        if impl == AttentionImpl.triton:
+            return attention_split_kv(q_BHSD, k_BHLD, v_BHLD, self.scale, self.nx.split_kv)
+        if impl == AttentionImpl.flashinfer:
+            return flashinfer_ops.attention(q_BHSD, k_BHLD, v_BHLD, self.scale)
         return eager_attention_ref(q_BHSD, k_BHLD, v_BHLD, self.scale, self.nx.kv_block)
 
 

@@ -4,11 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.gdn import causal_conv1d_ref, chunked_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+from kernels.gdn import (causal_conv1d_ref, chunked_gated_delta_rule_ref, chunked_gated_delta_rule_triton,
+                         recurrent_gated_delta_rule_ref, recurrent_gated_delta_rule_triton)
 from parityrt.layers.cache import ForwardBatch, StateCache
 from parityrt.layers.linear import ColumnParallelLinear, PartsLoader, RowParallelLinear, make_param
 from parityrt.layers.norm import GatedRMSNorm
-from parityrt.numerics import GdnAlgo, GdnNumerics
+from parityrt.numerics import GdnAlgo, GdnNumerics, Impl
 
 
 class GatedDeltaNet(nn.Module):
@@ -56,10 +57,13 @@ class GatedDeltaNet(nn.Module):
         q, k = q.reshape(1, S, self.k_heads, self.k_dim), k.reshape(1, S, self.k_heads, self.k_dim)
         v = v.reshape(1, S, self.v_heads, self.v_dim)
         state = cache.recurrent.get(self.layer_idx) if cache is not None else None
+        triton = self.nx.impl == Impl.triton
         if self.nx.algo == GdnAlgo.recurrent or S == 1:
-            o, new_state = recurrent_gated_delta_rule_ref(q, k, v, g_SH[None], beta_SH[None], state)
+            rule = recurrent_gated_delta_rule_triton if triton else recurrent_gated_delta_rule_ref
+            o, new_state = rule(q, k, v, g_SH[None], beta_SH[None], state)
         else:
-            o, new_state = chunked_gated_delta_rule_ref(q, k, v, g_SH[None], beta_SH[None], state, self.nx.chunk_size)
+            rule = chunked_gated_delta_rule_triton if triton else chunked_gated_delta_rule_ref
+            o, new_state = rule(q, k, v, g_SH[None], beta_SH[None], state, self.nx.chunk_size)
         if cache is not None:
             cache.conv[self.layer_idx], cache.recurrent[self.layer_idx] = new_conv_state, new_state
         return o[0]

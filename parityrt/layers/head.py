@@ -7,7 +7,7 @@ from torch import nn
 import torch.distributed as dist
 
 from parityrt.distributed import get_tp
-from parityrt.layers.linear import PartsLoader, make_param
+from parityrt.layers.linear import PartsLoader, make_param, matmul
 from parityrt.numerics import LmHeadNumerics, LogprobFormula, LogprobNumerics, Precision
 
 
@@ -52,10 +52,7 @@ class LMHead(nn.Module):
         self.nx = LmHeadNumerics()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.nx.dtype == Precision.fp32:
-            logits = F.linear(h.float(), self.weight.float())
-        else:
-            logits = F.linear(h, self.weight)
+        logits = matmul(h, self.weight, self.nx.impl, torch.float32 if self.nx.dtype == Precision.fp32 else None)
         tp = self.tp
         if tp.local_parts == 1:
             return logits

@@ -11,9 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.row_linear import row_partials_ref
+from kernels.gemm import linear_fixed_tile
+from kernels.row_linear import row_partials_ref, row_partials_triton
 from parityrt.distributed import all_reduce, get_tp
-from parityrt.numerics import AllReduceNumerics, KOrder, RowLinearNumerics
+from parityrt.numerics import AllReduceNumerics, Impl, KOrder, LinearNumerics, RowLinearNumerics
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, impl: Impl, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x·Wᵀ computed in `dtype` (default: x's; fp32 = the products of the upcast inputs, fp32 result).
+    torch: one library GEMM (on a GPU cuBLAS picks its kernel, split-K included, from the shapes, so a row's bits
+    depend on how many rows came with it). triton: kernels/gemm.py, fixed tiles from (N, K) only, no split-K: a
+    row's bits do not depend on the batch."""
+    dtype = dtype or x.dtype
+    if impl == Impl.triton:
+        # the kernel upcasts its loads itself: no fp32 copy of the weight
+        return linear_fixed_tile(x.to(dtype), w, out_dtype=dtype)
+    if dtype != x.dtype or dtype != w.dtype:
+        return F.linear(x.to(dtype), w.to(dtype))
+    return F.linear(x, w)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard: int | None = None) -> None:
@@ -76,27 +91,33 @@ class PartsLoader:
 
 
 class Linear(nn.Module):
-    """Replicated linear layer: every rank holds the whole weight (routers, MLA down-projections, gates)."""
+    """Replicated linear layer: every rank holds the whole weight (MLA down-projections, gates)."""
+
+    numerics_op = "linear"
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
         super().__init__()
         self.weight = make_param(out_features, in_features, dtype=dtype)
+        self.nx = LinearNumerics()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return matmul(x, self.weight, self.nx.impl)
 
 
 class ColumnParallelLinear(nn.Module):
     """Output rows split across ranks, part by part (`parts` in checkpoint order, each split by `units` rows)."""
+
+    numerics_op = "linear"
 
     def __init__(self, in_features: int, parts: list[int], dtype: torch.dtype, units: list[int] | None = None):
         super().__init__()
         self.loader = PartsLoader(parts, units or [1] * len(parts))
         self.local_sizes = self.loader.local_sizes
         self.weight = make_param(sum(self.local_sizes), in_features, dtype=dtype, loader=self.loader)
+        self.nx = LinearNumerics()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return matmul(x, self.weight, self.nx.impl)
 
 
 class AllReduce(nn.Module):
@@ -128,18 +149,26 @@ class RowParallelMatmul(nn.Module):
 
     @property
     def plain(self) -> bool:
-        """One library GEMM over the whole K: nothing to split or reduce."""
+        """One GEMM over the whole K: nothing to split or reduce."""
         return self.tp.size == 1 and self.nx.k_order == KOrder.library
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.plain:
-            return F.linear(x, w)
+            return matmul(x, w, self.nx.impl)
         parts = self.partials(x, w)
         return (parts[0] if self.tp.size == 1 else self.reduce(parts, x.dtype)).to(x.dtype)
 
     def partials(self, x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
-        nx = self.nx
-        return row_partials_ref(x, w, self.tp.shards, nx.k_order.value, nx.tile_k, nx.tile_dtype.dtype(x.dtype), nx.acc_dtype.dtype(x.dtype))
+        nx, shards = self.nx, self.tp.shards
+        tile_dtype, acc_dtype = nx.tile_dtype.dtype(x.dtype), nx.acc_dtype.dtype(x.dtype)
+        if nx.impl == Impl.torch:
+            return row_partials_ref(x, w, shards, nx.k_order.value, nx.tile_k, tile_dtype, acc_dtype)
+        if nx.k_order == KOrder.tree:
+            return row_partials_triton(x, w, shards, nx.tile_k, tile_dtype, acc_dtype)
+        # library order on Triton: one fixed-tile GEMM per K shard, rounded to tile_dtype
+        ks = x.shape[-1] // shards
+        return [linear_fixed_tile(x[..., r * ks : (r + 1) * ks], w[:, r * ks : (r + 1) * ks], out_dtype=tile_dtype)
+                for r in range(shards)]
 
 
 class RowParallelLinear(nn.Module):

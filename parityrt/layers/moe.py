@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fused_moe import Int4Weights, fused_experts
 from kernels.int4 import dequant_int4_ref
 from kernels.moe import combine_ref, experts_ref, gate_up_silu
-from parityrt.layers.linear import AllReduce, Linear, PartsLoader, RowParallelLinear, RowParallelMatmul, make_param
-from parityrt.numerics import DequantOrder, ExpertsNumerics, MlpNumerics, RouterDtype, RouterNumerics, TpReduce
+from parityrt.layers.linear import AllReduce, Linear, PartsLoader, RowParallelLinear, RowParallelMatmul, make_param, matmul
+from parityrt.numerics import DequantOrder, ExpertsNumerics, Impl, MlpNumerics, RouterDtype, RouterNumerics, TpReduce
 
 
 class MLP(nn.Module):
@@ -26,7 +27,8 @@ class MLP(nn.Module):
         self.nx = MlpNumerics()
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gate_up_silu(x_TH, self.gate_up_proj, self.nx.fuse_gate_up))
+        mm = lambda x, w: matmul(x, w, self.nx.impl)
+        return self.down_proj(gate_up_silu(x_TH, self.gate_up_proj, self.nx.fuse_gate_up, mm))
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -42,10 +44,9 @@ class SoftmaxTopKRouter(nn.Module):
         self.nx = RouterNumerics()
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.nx.logits_dtype == RouterDtype.fp32:
-            logits_TE = F.linear(x_TH.float(), self.weight.float())
-        else:  # native = model for Qwen3.5: the GEMM runs in bf16
-            logits_TE = F.linear(x_TH, self.weight)
+        # fp32: the GEMM over upcast inputs; native = model for Qwen3.5: the GEMM runs in bf16
+        fp32 = self.nx.logits_dtype == RouterDtype.fp32
+        logits_TE = matmul(x_TH, self.weight, self.nx.impl, torch.float32 if fp32 else None)
         probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
         w_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
@@ -73,9 +74,9 @@ class SigmoidGroupedTopKRouter(nn.Module):
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.nx.logits_dtype == RouterDtype.model:
-            logits_TE = F.linear(x_TH, self.weight).float()
+            logits_TE = matmul(x_TH, self.weight, self.nx.impl).float()
         else:  # native = fp32 for DeepSeek-V3
-            logits_TE = F.linear(x_TH.float(), self.weight.float())
+            logits_TE = matmul(x_TH, self.weight, self.nx.impl, torch.float32)
         scores_TE = logits_TE.sigmoid()
         choice_TE = scores_TE + self.e_score_correction_bias
         T, E = choice_TE.shape
@@ -131,6 +132,8 @@ class Experts(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         tp = self.down.tp
+        if self.nx.impl == Impl.triton:
+            return self._fused(x_TH, w_TK, ids_TK)
         down = None if self.down.plain else self.down.partials
         y_P = experts_ref(x_TH, ids_TK, self._weights(x_TH.dtype), self.nx.fuse_gate_up, down)
         wdtype = torch.float32 if self.quantized and self.nx.dequant == DequantOrder.fp32 else x_TH.dtype
@@ -141,6 +144,20 @@ class Experts(nn.Module):
             # each expert's K (= I) reduction completes across ranks first, so the combine sees TP=1's values
             return combine(self.reduce(y_P, wdtype).to(wdtype))
         return self.reduce([combine(y.to(wdtype)) for y in y_P], x_TH.dtype).to(x_TH.dtype)
+
+
+    def _fused(self, x_TH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        """kernels/fused_moe.py: the same per-row rounding and combine as the torch path, one grouped GEMM per
+        projection instead of a GEMM per hit expert."""
+        if self.down.tp.size > 1 or self.down.nx.k_order != "library":
+            raise ValueError("experts.impl=triton runs the whole expert K on one GPU: it needs TP=1 and "
+                             "row_linear.k_order=library for the experts' down projection (use impl=torch otherwise)")
+        nx = self.nx
+        quant = (Int4Weights(self.gate_up_packed, self.gate_up_scale, self.down_packed, self.down_scale)
+                 if self.quantized else None)
+        return fused_experts(x_TH, w_TK, ids_TK, None if self.quantized else self.gate_up_proj,
+                             None if self.quantized else self.down_proj, combine=nx.combine.value, order=nx.order.value,
+                             out_dtype=x_TH.dtype, quant=quant, dequant=nx.dequant.value)
 
 
 class DeepseekMoe(nn.Module):
