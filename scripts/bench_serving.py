@@ -1,7 +1,7 @@
 """Throughput and time to first token against a running server (streaming /generate, as sglang.bench_serving does).
 
     python -m parityrt.serve numerics=rl_parity &
-    python scripts/bench.py --url http://127.0.0.1:30000 --requests 32 --concurrency 8 --input-len 64 --output-len 32
+    python scripts/bench_serving.py --url http://127.0.0.1:30000 --requests 32 --concurrency 8 --input-len 64 --output-len 32
 
 Prompts are random token ids (seeded). TTFT is the time to the first chunk that carries a token; throughput counts
 output tokens over the wall time of the whole run. Prints one JSON object.

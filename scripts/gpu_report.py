@@ -1,15 +1,17 @@
-"""GPU numerics report for the tiny models (a diagnostic, not a benchmark): on the CUDA device,
-  1. bf16 logits vs transformers (eager attention; eager and grouped_mm experts) under hf_eager / hf_grouped,
-     and where they differ, the first layer and sub-module whose output differs;
-  2. batch invariance (a sequence alone vs inside a varlen batch of 8) and prefill vs decode, per preset.
+"""GPU numerics report (a diagnostic, not a benchmark): on the CUDA device, for each model given,
+  1. bf16 logits vs transformers on the same weights (eager attention; eager and grouped_mm experts) under hf_eager
+     / hf_grouped, and where they differ, the first layer and sub-module whose output differs;
+  2. invariance per preset: 64 sequences of 1..64 tokens; each one's logits and logprobs computed alone (prefill,
+     batch 1) against (a) varlen prefill batches of 8 and 64 sequences, (b) decode: every sequence prefilled to half
+     its length, then decoded one token per step in lockstep, so the decode batch shrinks from 64 to 1.
 
-    python scripts/gpu_report.py OUT_DIR [CACHE_DIR]
+    python scripts/gpu_report.py OUT_DIR --models qwen3_5_moe_slice kimi_k25_slice --cache /tmp/parityrt_cache
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -17,11 +19,8 @@ import torch
 
 from parityrt.config import compose_run, load_preset
 from parityrt.layers.cache import ForwardBatch, StateCache
-from parityrt.numerics import bind, with_ops
+from parityrt.numerics import apply_process_settings, bind
 from parityrt.weights import build_model, ensure_generated_checkpoint
-
-MODELS = ["qwen3_5_moe_tiny", "kimi_k25_tiny"]
-
 
 def _ours(model, ids_BS: torch.Tensor) -> torch.Tensor:
     B, S = ids_BS.shape
@@ -65,6 +64,7 @@ def hf_parity(name: str, cache_dir: str) -> dict:
     ckpt = ensure_generated_checkpoint(run.model)
     ours, _ = build_model(run.model)
     ids = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(0)).cuda()
+    apply_process_settings(load_preset("hf_eager"))
     out = {}
     for preset, experts in (("hf_eager", "eager"), ("hf_grouped", "grouped_mm")):
         hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="eager",
@@ -74,56 +74,91 @@ def hf_parity(name: str, cache_dir: str) -> dict:
             ref = hf(ids).logits
         got = _ours(ours, ids)
         equal = torch.equal(got, ref)
+        first = None if equal else _first_difference(ours, hf, ids)
+        del hf
+        torch.cuda.empty_cache()
         out[preset] = {"bitwise": equal, "max_abs_diff": (got.float() - ref.float()).abs().max().item(),
-                       "first_difference": None if equal else _first_difference(ours, hf, ids)}
+                       "first_difference": first}
     return out
 
 
-def invariance(name: str, cache_dir: str) -> dict:
+def _logits(model, seqs: list[torch.Tensor], starts: list[int], caches: list[StateCache | None]) -> list[torch.Tensor]:
+    """One forward over the sequences' tokens laid end to end (sequence i's tokens sit at positions starts[i]...);
+    returns each sequence's logits rows."""
+    ids = torch.cat(seqs)
+    pos = torch.cat([torch.arange(s, s + len(x), device=ids.device) for s, x in zip(starts, seqs)])
+    with torch.no_grad():
+        logits = model.compute_logits(model(ids, pos, ForwardBatch([len(x) for x in seqs], caches)))
+    return list(torch.split(logits, [len(x) for x in seqs]))
+
+
+def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
+    """Bitwise equality of logits and of fp32 logprobs over every row; the largest difference where not equal."""
+    r, g = torch.cat(ref), torch.cat(got)
+    lr, lg = torch.log_softmax(r.float(), -1), torch.log_softmax(g.float(), -1)
+    return {"logits_bitwise": torch.equal(r, g), "logprobs_bitwise": torch.equal(lr, lg), "rows": r.shape[0],
+            "max_abs_dlogprob": (lr - lg).abs().max().item(), "rows_differing": int((r != g).any(-1).sum())}
+
+
+def invariance(name: str, cache_dir: str, presets: list[str], vocab: int = 2048) -> dict:
     run = compose_run([f"model={name}", f"model.cache_dir={cache_dir}", "model.device=cuda"])
     model, _ = build_model(run.model)
     gen = torch.Generator().manual_seed(1)
-    lens = [37, 5, 64, 12, 90, 3, 41, 20]
-    seqs = [torch.randint(0, 2048, (n,), generator=gen).cuda() for n in lens]
+    lens = torch.randint(2, 65, (64,), generator=gen).tolist()
+    seqs = [torch.randint(0, vocab, (n,), generator=gen).cuda() for n in lens]
     out = {}
-    for preset in ("hf_eager", "engine_fast", "tp_invariant"):
-        for extra in ({}, {"gdn": {"algo": "recurrent"}}):
-            policy = with_ops(load_preset(preset), **extra) if extra else load_preset(preset)
-            bind(model, policy)
-            with torch.no_grad():
-                alone = model.compute_logits(model(seqs[0], torch.arange(lens[0]).cuda(), ForwardBatch([lens[0]], [None])))
-                ids = torch.cat(seqs)
-                pos = torch.cat([torch.arange(n) for n in lens]).cuda()
-                batched = model.compute_logits(model(ids, pos, ForwardBatch(lens, [None] * len(lens))))[: lens[0]]
-                cache = StateCache()
-                steps = [model.compute_logits(model(seqs[0][:10], torch.arange(10).cuda(), ForwardBatch([10], [cache])))]
-                for t in range(10, lens[0]):
-                    steps.append(model.compute_logits(model(seqs[0][t : t + 1], torch.tensor([t]).cuda(), ForwardBatch([1], [cache]))))
-                decoded = torch.cat(steps)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    model(ids, pos, ForwardBatch(lens, [None] * len(lens)))
-                torch.cuda.synchronize()
-            key = preset + ("+gdn_recurrent" if extra else "")
-            out[key] = {"batch_invariant": torch.equal(alone, batched), "batch_max_abs_diff": (alone.float() - batched.float()).abs().max().item(),
-                        "prefill_eq_decode": torch.equal(decoded, alone), "decode_max_abs_diff": (decoded.float() - alone.float()).abs().max().item(),
-                        "forward_ms_272_tokens": (time.perf_counter() - t0) / 5 * 1000}
+    for preset in presets:
+        policy = load_preset(preset)
+        apply_process_settings(policy)
+        bind(model, policy)
+        t0 = time.perf_counter()
+        alone = [_logits(model, [s], [0], [None])[0] for s in seqs]
+        batch8 = _logits(model, seqs[:8], [0] * 8, [None] * 8)
+        batch64 = _logits(model, seqs, [0] * 64, [None] * 64)
+        # decode: prefill half of every sequence (a batch of 64), then one token per sequence per step
+        caches = [StateCache() for _ in seqs]
+        half = [max(1, n // 2) for n in lens]
+        decoded = [[rows] for rows in _logits(model, [s[:h] for s, h in zip(seqs, half)], [0] * 64, caches)]
+        batch_sizes = []
+        for t in range(max(lens)):
+            live = [i for i, (h, n) in enumerate(zip(half, lens)) if h + t < n]
+            if not live:
+                break
+            batch_sizes.append(len(live))
+            rows = _logits(model, [seqs[i][half[i] + t : half[i] + t + 1] for i in live], [half[i] + t for i in live],
+                           [caches[i] for i in live])
+            for i, r in zip(live, rows):
+                decoded[i].append(r)
+        out[preset] = {
+            "batch8_prefill_vs_alone": _compare(alone[:8], batch8),
+            "batch64_prefill_vs_alone": _compare(alone, batch64),
+            "decode_vs_alone_prefill": _compare(alone, [torch.cat(d) for d in decoded]),
+            "decode_batch_sizes": f"{batch_sizes[0]}..{batch_sizes[-1]} over {len(batch_sizes)} steps",
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        print(json.dumps({name: {preset: out[preset]}}), flush=True)
     return out
 
 
 def main() -> None:
-    out_dir = Path(sys.argv[1])
-    cache_dir = sys.argv[2] if len(sys.argv) > 2 else "/tmp/parityrt_cache"
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name in MODELS:
-        report[name] = {"hf_parity": hf_parity(name, cache_dir), "invariance": invariance(name, cache_dir)}
-        print(json.dumps({name: report[name]}, indent=1), flush=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--models", nargs="+", default=["qwen3_5_moe_slice", "kimi_k25_slice"])
+    p.add_argument("--presets", nargs="+", default=["rl_parity_gpu", "hf_eager", "engine_fast"])
+    p.add_argument("--cache", default="/tmp/parityrt_cache")
+    p.add_argument("--skip-hf", action="store_true", help="skip the transformers comparison")
+    args = p.parse_args()
     import transformers
 
-    report["transformers"] = transformers.__version__
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_report.json").write_text(json.dumps(report, indent=1))
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        report[name] = {}
+        if not args.skip_hf:
+            report[name]["hf_parity"] = hf_parity(name, args.cache)
+            print(json.dumps({name: report[name]}, indent=1), flush=True)
+        report[name]["invariance"] = invariance(name, args.cache, args.presets)
+        (args.out_dir / "gpu_report.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,201 @@
+"""GPU model benchmark: prefill and decode throughput per numerics preset at several batch sizes, decode memory
+bandwidth as a fraction of the device's measured copy bandwidth, and transformers' forward on the same weights.
+
+    python scripts/bench.py OUT_DIR --models qwen3_5_moe_slice kimi_k25_slice \
+        --presets engine_fast engine_fast_gpu rl_parity_gpu hf_eager --batches 1 8 64
+
+Prefill: B random prompts of --prompt-len tokens in one varlen forward (logits for the last token of each).
+Decode: after that prefill, --steps steps of one token per sequence. Times are CUDA-synchronised wall times after a
+warm-up of the same shapes. Decode bytes per step = every non-expert weight except the embedding table (B rows of it
+are read) + the experts the step's routers hit (counted per layer) + the K/V or latent cache read by attention;
+bandwidth = bytes / step time. transformers: AutoModelForCausalLM on the same checkpoint with its defaults (sdpa
+attention, grouped_mm experts), one forward of the same prompts, logits for the last token only.
+Writes OUT_DIR/bench.json and OUT_DIR/bench.md (the table docs/benchmarks.md quotes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from parityrt.config import compose_run, load_preset
+from parityrt.layers.cache import ForwardBatch, StateCache
+from parityrt.numerics import apply_process_settings, bind
+from parityrt.weights import build_model
+
+
+def _timed(fn, repeat: int = 1) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a device-to-device copy (each byte read once and written once)."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = _timed(lambda: dst.copy_(src), repeat=10)
+    return 2 * src.numel() / t
+
+
+def _expert_bytes(model: nn.Module) -> tuple[int, list[tuple[nn.Module, int]]]:
+    """(bytes of every parameter outside the routed experts and the embedding, [(router, bytes per expert)])."""
+    routed, dense = [], 0
+    expert_params = set()
+    for name, m in model.named_modules():
+        if type(m).__name__ == "Experts":
+            per = sum(p.numel() * p.element_size() for p in m.parameters()) // next(m.parameters()).shape[0]
+            expert_params.update(id(p) for p in m.parameters())
+            router = model.get_submodule(name.rsplit(".", 1)[0]).gate
+            routed.append((router, per))
+    for name, p in model.named_parameters():
+        if id(p) not in expert_params and not name.startswith("embed_tokens"):
+            dense += p.numel() * p.element_size()
+    return dense, routed
+
+
+def _cache_bytes(caches: list[StateCache]) -> int:
+    total = 0
+    for c in caches:
+        for k, v in c.kv.values():
+            total += k.numel() * k.element_size() + v.numel() * v.element_size()
+        for s in c.recurrent.values():
+            total += 2 * s.numel() * s.element_size()  # read and written back
+    return total
+
+
+def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: int, steps: int, vocab: int) -> list[dict]:
+    policy = load_preset(preset)
+    apply_process_settings(policy)
+    bind(model, policy)
+    dense_bytes, routed = _expert_bytes(model)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for B in batches:
+        ids = torch.randint(0, vocab, (B * prompt_len,), generator=gen).cuda()
+        pos = torch.arange(prompt_len, device="cuda").repeat(B)
+        last = torch.arange(B, device="cuda") * prompt_len + prompt_len - 1
+
+        def prefill(caches):
+            with torch.no_grad():
+                h = model(ids, pos, ForwardBatch([prompt_len] * B, caches))
+                return model.compute_logits(h[last])
+
+        prefill([StateCache() for _ in range(B)])  # warm-up: compiles the Triton kernels for these shapes
+        caches = [StateCache() for _ in range(B)]
+        t_prefill = _timed(lambda: prefill(caches))
+        nxt = torch.randint(0, vocab, (B,), generator=gen).cuda()
+        step_no = [0]
+
+        def decode():
+            p = torch.full((B,), prompt_len + step_no[0], device="cuda")
+            step_no[0] += 1
+            with torch.no_grad():
+                model.compute_logits(model(nxt, p, ForwardBatch([1] * B, caches)))
+
+        hits: list[torch.Tensor] = []
+        hooks = [r.register_forward_hook(lambda _m, _i, out: hits.append(out[1])) for r, _ in routed]
+        decode()  # warm-up step, also counts the experts one step touches
+        for h in hooks:
+            h.remove()
+        routed_bytes = sum(int(torch.unique(ids_TK).numel()) * per for ids_TK, (_, per) in zip(hits, routed))
+        decode()
+        step_bytes = dense_bytes + routed_bytes + _cache_bytes(caches)
+        t_step = _timed(decode, repeat=steps)
+        rows.append({"preset": preset, "batch": B, "prefill_tok_s": B * prompt_len / t_prefill,
+                     "prefill_ms": 1000 * t_prefill, "decode_tok_s": B / t_step, "decode_ms_step": 1000 * t_step,
+                     "decode_bytes_step": step_bytes, "decode_GBps": step_bytes / t_step / 1e9})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_transformers(ckpt: Path, batches: list[int], prompt_len: int, vocab: int) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for B in batches:
+        ids = torch.randint(0, vocab, (B, prompt_len), generator=gen).cuda()
+        run = lambda: hf(ids, logits_to_keep=1, use_cache=False)
+        with torch.no_grad():
+            run()
+            t = _timed(run)
+        rows.append({"preset": "transformers", "batch": B, "prefill_tok_s": B * prompt_len / t, "prefill_ms": 1000 * t})
+        print(json.dumps(rows[-1]), flush=True)
+    del hf
+    torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"GPU: {report['device']}; torch {report['torch']}, triton {report['triton']}, transformers "
+             f"{report['transformers']}; copy bandwidth {report['copy_GBps']:.0f} GB/s; prompt {report['prompt_len']} "
+             f"tokens, {report['steps']} decode steps.", ""]
+    for name, rows in report["models"].items():
+        hf = {r["batch"]: r["prefill_tok_s"] for r in rows if r["preset"] == "transformers"}
+        lines += [f"### {name}", "", "| preset | batch | prefill tok/s | x transformers | decode tok/s | ms/step | "
+                  "decode GB/s | % copy BW |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["preset"] == "transformers":
+                lines.append(f"| transformers | {r['batch']} | {r['prefill_tok_s']:.0f} | 1.00 | | | | |")
+                continue
+            ratio = f"{r['prefill_tok_s'] / hf[r['batch']]:.2f}" if r["batch"] in hf else "-"
+            lines.append(f"| {r['preset']} | {r['batch']} | {r['prefill_tok_s']:.0f} | {ratio} | "
+                         f"{r['decode_tok_s']:.1f} | {r['decode_ms_step']:.2f} | {r['decode_GBps']:.0f} | "
+                         f"{100 * r['decode_GBps'] * 1e9 / report['copy_Bps']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--models", nargs="+", default=["qwen3_5_moe_slice", "kimi_k25_slice"])
+    p.add_argument("--presets", nargs="+", default=["engine_fast", "engine_fast_gpu", "rl_parity_gpu", "hf_eager"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=2048, help="prompt ids are drawn from [0, vocab)")
+    p.add_argument("--cache", default="/tmp/parityrt_cache")
+    p.add_argument("--skip-transformers", action="store_true")
+    args = p.parse_args()
+    import transformers
+    import triton
+
+    bw = copy_bandwidth()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(), "copy_Bps": bw,
+              "copy_GBps": bw / 1e9, "prompt_len": args.prompt_len, "steps": args.steps, "models": {}}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        run = compose_run([f"model={name}", f"model.cache_dir={args.cache}", "model.device=cuda"])
+        model, ckpt = build_model(run.model)
+        rows = []
+        for preset in args.presets:
+            try:
+                rows += bench_policy(model, preset, args.batches, args.prompt_len, args.steps, args.vocab)
+            except RuntimeError as e:  # e.g. a FlashInfer preset without flashinfer-python: reported, not hidden
+                print(json.dumps({"preset": preset, "error": str(e)}), flush=True)
+                report.setdefault("errors", {})[f"{name}/{preset}"] = str(e)
+        del model
+        torch.cuda.empty_cache()
+        if not args.skip_transformers:
+            rows += bench_transformers(ckpt, args.batches, args.prompt_len, args.vocab)
+        report["models"][name] = rows
+        (args.out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+        (args.out_dir / "bench.md").write_text(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
