@@ -95,6 +95,22 @@ def causal_conv1d_ref(x_BCS: torch.Tensor, w_CK: torch.Tensor, state_BCW: torch.
     return F.silu(y).to(x_BCS.dtype), full[..., -(Kc - 1):].contiguous()
 
 
+def causal_conv1d_taps(x_BCS: torch.Tensor, w_CK: torch.Tensor, state_BCW: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv1d_ref's contract with a fixed order: each output is sum_j x[t - K + 1 + j]·w[j] over ascending
+    taps j, products and sums in fp32, one rounding to the weight dtype, then SiLU. A library conv (cuDNN on a
+    GPU) picks its algorithm, and with it the order of the K products, from the sequence length, so one token
+    decoded after its cached inputs may not get the bits it gets inside a prefill; here it always does."""
+    C, Kc = w_CK.shape
+    S = x_BCS.shape[-1]
+    past = torch.zeros_like(x_BCS[..., : Kc - 1]) if state_BCW is None else state_BCW.to(x_BCS.dtype)
+    full = torch.cat([past, x_BCS], dim=-1)
+    w32 = w_CK.float()
+    acc = torch.zeros(*x_BCS.shape[:-1], S, dtype=torch.float32, device=x_BCS.device)
+    for j in range(Kc):  # separate multiply and add kernels: no contraction into FMAs
+        acc = acc + full[..., j : j + S].float() * w32[:, j : j + 1]
+    return F.silu(acc.to(w_CK.dtype)).to(x_BCS.dtype), full[..., -(Kc - 1):].contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernels. Everything is computed in fp32 (inputs are upcast on load; state and intermediates stay fp32);
 # only the output is rounded, once, to q.dtype (in-kernel on a GPU, by the launcher under the interpreter).

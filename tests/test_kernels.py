@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gdn import causal_conv1d_ref, chunked_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+from kernels.gdn import causal_conv1d_ref, causal_conv1d_taps, chunked_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
 from kernels.moe import combine_ref
 from kernels.norm import add_rms_norm_ref
 
@@ -81,6 +81,21 @@ def test_causal_conv_state_continuation_is_bitwise() -> None:
         y, st = causal_conv1d_ref(x[..., t : t + 1], w, st)
         parts.append(y)
     assert torch.equal(torch.cat(parts, -1), whole)
+
+
+def test_tap_ordered_conv_is_the_library_conv_and_decodes_bitwise() -> None:
+    g = torch.Generator().manual_seed(1)
+    x32, w32 = torch.randn(2, 6, 20, generator=g), torch.randn(6, 4, generator=g)
+    # fp32: the same four products per output, summed in another order at most -> fp32 noise
+    assert torch.allclose(causal_conv1d_taps(x32, w32, None)[0], causal_conv1d_ref(x32, w32, None)[0], atol=1e-6)
+    x, w = x32.to(bf16), w32.to(bf16)
+    whole, state_whole = causal_conv1d_taps(x, w, None)
+    y1, st = causal_conv1d_taps(x[..., :9], w, None)
+    parts = [y1]
+    for t in range(9, 20):
+        y, st = causal_conv1d_taps(x[..., t : t + 1], w, st)
+        parts.append(y)
+    assert torch.equal(torch.cat(parts, -1), whole) and torch.equal(st, state_whole)
 
 
 def test_fused_add_norm_reads_the_unrounded_sum() -> None:

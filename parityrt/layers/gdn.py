@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.gdn import (causal_conv1d_ref, chunked_gated_delta_rule_ref, chunked_gated_delta_rule_triton,
+from kernels.gdn import (causal_conv1d_ref, causal_conv1d_taps, chunked_gated_delta_rule_ref, chunked_gated_delta_rule_triton,
                          recurrent_gated_delta_rule_ref, recurrent_gated_delta_rule_triton)
 from parityrt.layers.cache import ForwardBatch, StateCache
 from parityrt.layers.linear import ColumnParallelLinear, PartsLoader, RowParallelLinear, make_param
@@ -52,12 +52,13 @@ class GatedDeltaNet(nn.Module):
         """Conv and delta rule over one sequence's new tokens, continuing from (and updating) its cache."""
         S = qkv_SC.shape[0]
         conv_state = cache.conv.get(self.layer_idx) if cache is not None else None
-        qkv, new_conv_state = causal_conv1d_ref(qkv_SC.T[None], self.conv_weight, conv_state)
+        triton = self.nx.impl == Impl.triton
+        conv = causal_conv1d_taps if triton else causal_conv1d_ref  # the kernel set also fixes the conv's tap order
+        qkv, new_conv_state = conv(qkv_SC.T[None], self.conv_weight, conv_state)
         q, k, v = torch.split(qkv[0].T, [self.key_size, self.key_size, self.value_size], dim=-1)
         q, k = q.reshape(1, S, self.k_heads, self.k_dim), k.reshape(1, S, self.k_heads, self.k_dim)
         v = v.reshape(1, S, self.v_heads, self.v_dim)
         state = cache.recurrent.get(self.layer_idx) if cache is not None else None
-        triton = self.nx.impl == Impl.triton
         if self.nx.algo == GdnAlgo.recurrent or S == 1:
             rule = recurrent_gated_delta_rule_triton if triton else recurrent_gated_delta_rule_ref
             o, new_state = rule(q, k, v, g_SH[None], beta_SH[None], state)
