@@ -3,9 +3,11 @@
 k_order:
   library  each of the `shards` K blocks is one library GEMM; its partial is rounded to tile_dtype
   tree     TBIK: K is cut into fixed tiles of tile_k; each tile is one GEMM (rounded to tile_dtype); shard r sums
-           its contiguous block of tiles with a balanced binary tree in acc_dtype. With a power-of-two number of
-           tiles per shard, a tree all-reduce over the shards completes the same full tree, so every power-of-two
-           TP size performs the same additions.
+           its contiguous block of tiles with a balanced binary tree in acc_dtype (pairs (0,1), (2,3), ..., an odd
+           last term carried up unchanged: the tree over the tiles padded with zero tiles to a power of two).
+           With a power-of-two number of tiles per shard, a tree all-reduce over the shards completes the same full
+           tree, so every power-of-two TP size performs the same additions; several shards therefore require it,
+           one shard (TP=1) takes any tile count (e.g. Kimi's 18432 = 1152 tiles of 16).
 Returns one partial per shard (the all-reduce combines them).
 row_partials_triton is the tree order as one Triton launch over all shards, with the same additions bit for bit.
 """
@@ -22,8 +24,17 @@ from kernels import _triton
 
 def _tree_sum(terms: list[torch.Tensor]) -> torch.Tensor:
     while len(terms) > 1:
-        terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
+        terms = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)] + terms[len(terms) - len(terms) % 2 :]
     return terms[0]
+
+
+def _check_tree(ks: int, shards: int, tile_k: int) -> None:
+    if ks % tile_k:
+        raise ValueError(f"tree K order: each shard's K ({ks}) must be a whole number of tiles of {tile_k}")
+    tiles = ks // tile_k
+    if shards > 1 and tiles & (tiles - 1):
+        raise ValueError(f"tree K order over {shards} shards: each shard's K ({ks}) must be a power-of-two number of "
+                         f"tiles of {tile_k} (else the shards' trees do not nest into one tree and TP sizes disagree)")
 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -43,8 +54,7 @@ def row_partials_ref(
     ks = K // shards
     if k_order == "library":
         return [_gemm(x_MK[..., r * ks : (r + 1) * ks], w_NK[:, r * ks : (r + 1) * ks], tile_dtype) for r in range(shards)]
-    if ks % tile_k or (ks // tile_k) & (ks // tile_k - 1):
-        raise ValueError(f"tree K order: each shard's K ({ks}) must be a power-of-two number of tiles of {tile_k}")
+    _check_tree(ks, shards, tile_k)
     out = []
     for r in range(shards):
         tiles = [_gemm(x_MK[..., k : k + tile_k], w_NK[:, k : k + tile_k], tile_dtype).to(acc_dtype)
@@ -55,7 +65,7 @@ def row_partials_ref(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton TBIK tree kernel: the same additions as row_partials_ref(k_order="tree"), one launch for every shard.
-_MAX_LEVELS = 10  # the register stack below holds one [BLOCK_M, BLOCK_N] partial per tree level: <= 1024 tiles/shard
+_MAX_LEVELS = 11  # the register stack below holds one [BLOCK_M, BLOCK_N] partial per tree level: <= 2048 tiles/shard
 
 
 @triton.jit
@@ -86,11 +96,24 @@ def _climb(v, s, t, LEVEL: tl.constexpr, ROUND_ACC: tl.constexpr, NATIVE: tl.con
     return v, s
 
 
+@triton.jit
+def _fold(carry, s, LEVEL: tl.constexpr, NT: tl.constexpr, ROUND_ACC: tl.constexpr, NATIVE: tl.constexpr):
+    """After the last of NT tiles: a complete subtree of 2^LEVEL tiles waits in s for every set bit LEVEL of NT;
+    the lowest one is `carry` itself. Folding the higher ones in from the bottom is the zero-padded tree (an odd
+    term carried up unchanged)."""
+    if ((NT >> LEVEL) & 1) == 1:
+        if (NT & ((1 << LEVEL) - 1)) != 0:
+            carry = s + carry
+            if ROUND_ACC:
+                carry = _round_bf16(carry, NATIVE)
+    return carry
+
+
 @triton.jit(do_not_specialize=["M"])
 def _tree_kernel(
     x_ptr, w_ptr, y_ptr, M, N, KS,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ys, stride_ym, stride_yn,
-    TILE_K: tl.constexpr, LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILE_K: tl.constexpr, NT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, ROUND_TILE: tl.constexpr, ROUND_ACC: tl.constexpr, NATIVE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -116,7 +139,8 @@ def _tree_kernel(
     s7 = v
     s8 = v
     s9 = v
-    for t in range(0, 1 << LEVELS):  # tiles in ascending K; the shard's K is exactly (1 << LEVELS) tiles
+    s10 = v
+    for t in range(0, NT):  # tiles in ascending K; LEVELS = ceil(log2(NT))
         a = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
         b = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
         # one tile GEMM with a fresh fp32 accumulator (exact products, hardware/numpy order inside the tile)
@@ -138,7 +162,20 @@ def _tree_kernel(
         if LEVELS > 7: v, s7 = _climb(v, s7, t, 7, ROUND_ACC, NATIVE)  # noqa: E701
         if LEVELS > 8: v, s8 = _climb(v, s8, t, 8, ROUND_ACC, NATIVE)  # noqa: E701
         if LEVELS > 9: v, s9 = _climb(v, s9, t, 9, ROUND_ACC, NATIVE)  # noqa: E701
-    # the last tile closed every level: v is the shard's whole tree (already in acc_dtype's values)
+        if LEVELS > 10: v, s10 = _climb(v, s10, t, 10, ROUND_ACC, NATIVE)  # noqa: E701
+    # NT a power of two: the last tile closed every level and v is the whole tree. Otherwise fold the waiting
+    # subtrees in, smallest first (v is the smallest).
+    if LEVELS > 0: v = _fold(v, s0, 0, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 1: v = _fold(v, s1, 1, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 2: v = _fold(v, s2, 2, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 3: v = _fold(v, s3, 3, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 4: v = _fold(v, s4, 4, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 5: v = _fold(v, s5, 5, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 6: v = _fold(v, s6, 6, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 7: v = _fold(v, s7, 7, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 8: v = _fold(v, s8, 8, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 9: v = _fold(v, s9, 9, NT, ROUND_ACC, NATIVE)  # noqa: E701
+    if LEVELS > 10: v = _fold(v, s10, 10, NT, ROUND_ACC, NATIVE)  # noqa: E701
     y_ptrs = y_ptr + shard * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, v.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -169,11 +206,10 @@ def row_partials_triton(
     if K % shards:
         raise ValueError(f"K={K} does not split into {shards} shards")
     ks = K // shards
-    if ks % tile_k or (ks // tile_k) & (ks // tile_k - 1):
-        raise ValueError(f"tree K order: each shard's K ({ks}) must be a power-of-two number of tiles of {tile_k}")
+    _check_tree(ks, shards, tile_k)
     if tile_k < 16 or tile_k & (tile_k - 1):
         raise ValueError(f"tree K order (Triton): tile_k ({tile_k}) must be a power of two >= 16")
-    levels = (ks // tile_k).bit_length() - 1
+    levels = (ks // tile_k - 1).bit_length()  # ceil(log2(tiles))
     if levels > _MAX_LEVELS:
         raise ValueError(f"tree K order (Triton): {ks // tile_k} tiles per shard, at most {1 << _MAX_LEVELS}")
     if x_MK.dtype != w_NK.dtype or x_MK.dtype not in (torch.bfloat16, torch.float32):
@@ -192,7 +228,7 @@ def row_partials_triton(
         _tree_kernel[grid](
             x2, w_NK, y, M, N, ks,
             x2.stride(0), x2.stride(1), w_NK.stride(0), w_NK.stride(1), y.stride(0), y.stride(1), y.stride(2),
-            TILE_K=tile_k, LEVELS=levels, BLOCK_M=block_m, BLOCK_N=block_n,
+            TILE_K=tile_k, NT=ks // tile_k, LEVELS=levels, BLOCK_M=block_m, BLOCK_N=block_n,
             DOT_FP32=not on_gpu or x_MK.dtype == torch.float32,
             ROUND_TILE=torch.bfloat16 in (tile_dtype, acc_dtype), ROUND_ACC=acc_dtype == torch.bfloat16,
             NATIVE=on_gpu, num_warps=num_warps,

@@ -75,8 +75,10 @@ def test_tree_k_order_is_one_tree_for_every_shard_count() -> None:
             assert torch.equal(reduce_partials(parts, "tree", torch.float32), whole)
             if tile_dtype == torch.float32 and shards >= 4:  # fp32 tiles: a sequential order gives other bits
                 assert not torch.equal(reduce_partials(parts, "oneshot", torch.float32), whole)
-    with pytest.raises(ValueError, match="power-of-two number of tiles"):
+    with pytest.raises(ValueError, match="whole number of tiles"):
         row_partials_ref(x, w, 2, "tree", 48, torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="power-of-two number of tiles"):  # 3 tiles per shard: trees would not nest
+        row_partials_ref(x[:, :192], w[:, :192], 2, "tree", 32, torch.bfloat16, torch.float32)
 
 
 def _logits(name: str, cache_dir: Path, tp: int, preset: str, virtual: bool = True, **ops) -> torch.Tensor:

@@ -172,15 +172,31 @@ def test_tree_random_data_close_to_ref() -> None:
         assert ((g - ref).abs() <= bound).all()
 
 
-def test_tree_ten_levels_and_leading_dims() -> None:
+def test_tree_eleven_levels_and_leading_dims() -> None:
     gen = _gen(7)
-    K, tile_k = 1024 * 16, 16  # 1024 tiles: all ten levels of the register stack
+    K, tile_k = 2048 * 16, 16  # 2048 tiles: all eleven levels of the register stack
     x, w = _scaled_ints(3, K, tile_k, gen).reshape(3, 1, K), _ints(16, K, gen)
     got = row_partials_triton(x, w, 1, tile_k, torch.float32, torch.float32)[0]
     assert got.shape == (3, 1, 16)
     assert torch.equal(got, row_partials_ref(x, w, 1, "tree", tile_k, torch.float32, torch.float32)[0])
-    with pytest.raises(ValueError, match="at most 1024"):
+    with pytest.raises(ValueError, match="at most 2048"):
         row_partials_triton(torch.zeros(1, 2 * K), torch.zeros(16, 2 * K), 1, tile_k, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("tiles", [3, 5, 6, 7, 11, 13, 1152 // 64])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.bfloat16])
+def test_tree_any_tile_count_on_one_shard(tiles: int, acc_dtype: torch.dtype) -> None:
+    """One shard (TP=1) takes any tile count: the tree over the tiles padded with zero tiles to a power of two,
+    i.e. pairs with an odd term carried up (Kimi's 18432-wide down projection is 1152 tiles of 16)."""
+    gen = _gen(tiles)
+    tile_k = 16
+    x, w = _scaled_ints(4, tiles * tile_k, tile_k, gen), _ints(8, tiles * tile_k, gen)
+    ref = row_partials_ref(x, w, 1, "tree", tile_k, torch.float32, acc_dtype)[0]
+    assert torch.equal(row_partials_triton(x, w, 1, tile_k, torch.float32, acc_dtype)[0], ref)
+    # the padded tree, written out: the same bits as adding explicit zero tiles up to the next power of two
+    pad = (1 << (tiles - 1).bit_length()) - tiles
+    xp, wp = torch.nn.functional.pad(x, (0, pad * tile_k)), torch.nn.functional.pad(w, (0, pad * tile_k))
+    assert torch.equal(row_partials_ref(xp, wp, 1, "tree", tile_k, torch.float32, acc_dtype)[0], ref)
 
 
 @pytest.mark.parametrize("dtype,tile_dtype,acc_dtype", TREE_CASES)
@@ -199,6 +215,8 @@ def test_tree_validation() -> None:
     x, w = torch.zeros(2, 96), torch.zeros(8, 96)
     with pytest.raises(ValueError, match="power-of-two number of tiles"):
         row_partials_triton(x, w, 2, 16, torch.float32, torch.float32)  # 3 tiles per shard
+    with pytest.raises(ValueError, match="whole number of tiles"):
+        row_partials_triton(x, w, 1, 64, torch.float32, torch.float32)
     with pytest.raises(ValueError, match="does not split"):
         row_partials_triton(x, w, 5, 16, torch.float32, torch.float32)
     with pytest.raises(ValueError, match=">= 16"):
