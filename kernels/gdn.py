@@ -142,6 +142,20 @@ def _l2norm_rows(x):
     return x * tl.rsqrt(tl.sum(x * x, axis=1) + 1e-6)[:, None]
 
 
+@triton.jit
+def _state_block(s0_ptr, pid_bh, offs_k, offs_v, mk, mv, Dk, Dv, HAS_STATE: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr):
+    """This program's [BK, BV] block of the fp32 state [B·Hv, Dk, Dv]: offsets, mask, initial value (zeros when
+    the sequence starts here)."""
+    st_off = pid_bh.to(tl.int64) * Dk * Dv + offs_k[:, None] * Dv + offs_v[None, :]
+    st_mask = mk[:, None] & mv[None, :]
+    if HAS_STATE:
+        state = tl.load(s0_ptr + st_off, mask=st_mask, other=0.0)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    return st_off, st_mask, state
+
+
 @triton.jit(do_not_specialize=["S"])
 def _recurrent_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s0_ptr, o_ptr, s_ptr,
@@ -157,12 +171,7 @@ def _recurrent_kernel(
     offs_k = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mk, mv = offs_k < Dk, offs_v < Dv
-    st_off = pid_bh.to(tl.int64) * Dk * Dv + offs_k[:, None] * Dv + offs_v[None, :]
-    st_mask = mk[:, None] & mv[None, :]
-    if HAS_STATE:
-        state = tl.load(s0_ptr + st_off, mask=st_mask, other=0.0)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
+    st_off, st_mask, state = _state_block(s0_ptr, pid_bh, offs_k, offs_v, mk, mv, Dk, Dv, HAS_STATE, BK, BV)
     q_base = q_ptr + b.to(tl.int64) * sq_b + hk * sq_h + offs_k * sq_d
     k_base = k_ptr + b.to(tl.int64) * sk_b + hk * sk_h + offs_k * sk_d
     v_base = v_ptr + b.to(tl.int64) * sv_b + h * sv_h + offs_v * sv_d
@@ -293,12 +302,7 @@ def _chunk_scan_kernel(
     rows, cols = tl.arange(0, C), tl.arange(0, C)
     offs_k, offs_v = tl.arange(0, BK), pid_v * BV + tl.arange(0, BV)
     mk, mv = offs_k < Dk, offs_v < Dv
-    st_off = pid_bh.to(tl.int64) * Dk * Dv + offs_k[:, None] * Dv + offs_v[None, :]
-    st_mask = mk[:, None] & mv[None, :]
-    if HAS_STATE:
-        state = tl.load(s0_ptr + st_off, mask=st_mask, other=0.0)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
+    st_off, st_mask, state = _state_block(s0_ptr, pid_bh, offs_k, offs_v, mk, mv, Dk, Dv, HAS_STATE, BK, BV)
     causal = cols[None, :] <= rows[:, None]
     for c in range(NC):
         q, k, gc = _load_chunk(q_ptr, k_ptr, g_ptr, b, h, h // groups, c, S, Dk, scale,
