@@ -11,7 +11,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
+from kernels import _triton
 from parityrt.config import RunConfig
+from parityrt.layers import flashinfer_ops
 from parityrt.numerics import apply_process_settings, bind, write_resolved
 from parityrt.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer
 from parityrt.distributed import TPInfo, is_power_of_two, tp_context
@@ -47,11 +49,23 @@ def load_runtime(run: RunConfig) -> Runtime:
         with tp_context(TPInfo(rank=0, size=p.tp_size, virtual=p.virtual)):
             model, _ = build_model(model_cfg)
         table = bind(model, run.numerics)
+    check_kernels(table, run.model.device)
     tok_dir = run.model.tokenizer_path or (ckpt if (ckpt / "tokenizer.json").is_file() else DEFAULT_TOKENIZER_DIR)
     tokenizer = Tokenizer.from_dir(tok_dir)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ValueError(f"tokenizer {tok_dir} has {tokenizer.vocab_size} tokens, the model only {model.args.vocab_size}")
     return Runtime(model, tokenizer, ckpt, table)
+
+
+def check_kernels(table: dict[str, dict[str, Any]], device: str) -> None:
+    """Fail at load time, not at the first request, when the bound policy selects kernels this machine cannot run."""
+    impls = {(t["op"], t["impl"]) for t in table.values() if "impl" in t}
+    triton_ops = sorted(op for op, impl in impls if impl == "triton")
+    if triton_ops and not device.startswith("cuda") and not _triton.interpreting():
+        raise ValueError(f"the numerics policy runs {', '.join(triton_ops)} on Triton kernels, which need "
+                         f"model.device=cuda (got {device!r}); on CPU use numerics.kernels=torch and torch/eager impls")
+    for op in sorted(op for op, impl in impls if impl == "flashinfer"):
+        flashinfer_ops.require(f"{op}.impl")
 
 
 def close_runtime(rt: Runtime) -> None:

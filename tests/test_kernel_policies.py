@@ -16,6 +16,7 @@ from parityrt.engine.engine import Engine
 from parityrt.generation import parse_records
 from parityrt.layers.cache import StateCache
 from parityrt.numerics import bind, with_ops
+from parityrt.runtime import check_kernels
 from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model
 
@@ -41,6 +42,17 @@ def test_triton_policy_on_cpu_without_the_interpreter_is_a_clear_error(cache_dir
     monkeypatch.setattr(kernels._triton, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         model_logits(model, torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_launchers_refuse_kernels_the_machine_cannot_run_at_load_time(cache_dir, monkeypatch) -> None:
+    model, _ = build_model(tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir)))
+    monkeypatch.setattr(kernels._triton, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match=r"runs .*experts.* on Triton kernels, which need model.device=cuda"):
+        check_kernels(bind(model, load_preset("rl_parity_gpu")), "cpu")
+    check_kernels(bind(model, load_preset("rl_parity")), "cpu")  # torch kernels: fine
+    monkeypatch.setitem(sys.modules, "flashinfer", None)
+    with pytest.raises(RuntimeError, match=r"\(norm.impl=flashinfer\)"):
+        check_kernels(bind(model, with_ops(load_preset("engine_fast"), norm={"impl": "flashinfer"})), "cuda")
 
 
 def test_flashinfer_policy_without_flashinfer_is_a_clear_error(cache_dir, monkeypatch) -> None:

@@ -12,7 +12,8 @@ from types import ModuleType
 import torch
 
 
-def _flashinfer(what: str, *tensors: torch.Tensor) -> ModuleType:
+def require(what: str) -> ModuleType:
+    """The flashinfer module, or a clear error naming the knob that asked for it."""
     try:
         import flashinfer
     except ImportError as e:
@@ -20,6 +21,11 @@ def _flashinfer(what: str, *tensors: torch.Tensor) -> ModuleType:
             f"this numerics policy asks for FlashInfer ({what}=flashinfer) but flashinfer-python is not importable "
             f"({e}); install the gpu extra: pip install -e '.[gpu]'"
         ) from None
+    return flashinfer
+
+
+def _flashinfer(what: str, *tensors: torch.Tensor) -> ModuleType:
+    flashinfer = require(what)
     if any(t.device.type != "cuda" for t in tensors):
         raise RuntimeError(f"{what}=flashinfer needs CUDA tensors (got {tensors[0].device}); pick another impl on CPU")
     return flashinfer
