@@ -26,22 +26,28 @@ from torch import nn
 
 from parityrt.config import compose_run, load_preset
 from parityrt.layers.cache import ForwardBatch, StateCache
+from parityrt.layers.moe import Experts
 from parityrt.numerics import apply_process_settings, bind
 from parityrt.weights import build_model
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn, repeat: int = 1) -> float:
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - t0) / repeat
 
 
-def copy_bandwidth(gib: float = 2.0) -> float:
+def copy_bandwidth(device: str, gib: float) -> float:
     """Bytes/s of a device-to-device copy (each byte read once and written once)."""
-    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     t = _timed(lambda: dst.copy_(src), repeat=10)
@@ -53,7 +59,7 @@ def _expert_bytes(model: nn.Module) -> tuple[int, list[tuple[nn.Module, int]]]:
     routed, dense = [], 0
     expert_params = set()
     for name, m in model.named_modules():
-        if type(m).__name__ == "Experts":
+        if isinstance(m, Experts):
             per = sum(p.numel() * p.element_size() for p in m.parameters()) // next(m.parameters()).shape[0]
             expert_params.update(id(p) for p in m.parameters())
             router = model.get_submodule(name.rsplit(".", 1)[0]).gate
@@ -74,7 +80,8 @@ def _cache_bytes(caches: list[StateCache]) -> int:
     return total
 
 
-def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: int, steps: int, vocab: int) -> list[dict]:
+def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: int, steps: int, vocab: int,
+                 device: str) -> list[dict]:
     policy = load_preset(preset)
     apply_process_settings(policy)
     bind(model, policy)
@@ -82,9 +89,9 @@ def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: 
     gen = torch.Generator().manual_seed(0)
     rows = []
     for B in batches:
-        ids = torch.randint(0, vocab, (B * prompt_len,), generator=gen).cuda()
-        pos = torch.arange(prompt_len, device="cuda").repeat(B)
-        last = torch.arange(B, device="cuda") * prompt_len + prompt_len - 1
+        ids = torch.randint(0, vocab, (B * prompt_len,), generator=gen).to(device)
+        pos = torch.arange(prompt_len, device=device).repeat(B)
+        last = torch.arange(B, device=device) * prompt_len + prompt_len - 1
 
         def prefill(caches):
             with torch.no_grad():
@@ -94,11 +101,11 @@ def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: 
         prefill([StateCache() for _ in range(B)])  # warm-up: compiles the Triton kernels for these shapes
         caches = [StateCache() for _ in range(B)]
         t_prefill = _timed(lambda: prefill(caches))
-        nxt = torch.randint(0, vocab, (B,), generator=gen).cuda()
+        nxt = torch.randint(0, vocab, (B,), generator=gen).to(device)
         step_no = [0]
 
         def decode():
-            p = torch.full((B,), prompt_len + step_no[0], device="cuda")
+            p = torch.full((B,), prompt_len + step_no[0], device=device)
             step_no[0] += 1
             with torch.no_grad():
                 model.compute_logits(model(nxt, p, ForwardBatch([1] * B, caches)))
@@ -119,27 +126,25 @@ def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: 
     return rows
 
 
-def bench_transformers(ckpt: Path, batches: list[int], prompt_len: int, vocab: int) -> list[dict]:
+def bench_transformers(ckpt: Path, batches: list[int], prompt_len: int, vocab: int, device: str) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).to(device).eval()
     gen = torch.Generator().manual_seed(0)
     rows = []
     for B in batches:
-        ids = torch.randint(0, vocab, (B, prompt_len), generator=gen).cuda()
+        ids = torch.randint(0, vocab, (B, prompt_len), generator=gen).to(device)
         run = lambda: hf(ids, logits_to_keep=1, use_cache=False)
         with torch.no_grad():
             run()
             t = _timed(run)
         rows.append({"preset": "transformers", "batch": B, "prefill_tok_s": B * prompt_len / t, "prefill_ms": 1000 * t})
         print(json.dumps(rows[-1]), flush=True)
-    del hf
-    torch.cuda.empty_cache()
     return rows
 
 
 def markdown(report: dict) -> str:
-    lines = [f"GPU: {report['device']}; torch {report['torch']}, triton {report['triton']}, transformers "
+    lines = [f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}, transformers "
              f"{report['transformers']}; copy bandwidth {report['copy_GBps']:.0f} GB/s; prompt {report['prompt_len']} "
              f"tokens, {report['steps']} decode steps.", ""]
     for name, rows in report["models"].items():
@@ -155,6 +160,7 @@ def markdown(report: dict) -> str:
                          f"{r['decode_tok_s']:.1f} | {r['decode_ms_step']:.2f} | {r['decode_GBps']:.0f} | "
                          f"{100 * r['decode_GBps'] * 1e9 / report['copy_Bps']:.1f} |")
         lines.append("")
+    lines += [f"- {where}: not measured: {error}" for where, error in report.get("errors", {}).items()]
     return "\n".join(lines)
 
 
@@ -169,30 +175,32 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2048, help="prompt ids are drawn from [0, vocab)")
     p.add_argument("--cache", default="/tmp/parityrt_cache")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (torch kernels only)")
+    p.add_argument("--copy-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     args = p.parse_args()
     import transformers
     import triton
 
-    bw = copy_bandwidth()
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    bw = copy_bandwidth(args.device, args.copy_gib)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    report = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(), "copy_Bps": bw,
               "copy_GBps": bw / 1e9, "prompt_len": args.prompt_len, "steps": args.steps, "models": {}}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name in args.models:
-        run = compose_run([f"model={name}", f"model.cache_dir={args.cache}", "model.device=cuda"])
+    for model_name in args.models:
+        run = compose_run([f"model={model_name}", f"model.cache_dir={args.cache}", f"model.device={args.device}"])
         model, ckpt = build_model(run.model)
         rows = []
         for preset in args.presets:
             try:
-                rows += bench_policy(model, preset, args.batches, args.prompt_len, args.steps, args.vocab)
+                rows += bench_policy(model, preset, args.batches, args.prompt_len, args.steps, args.vocab, args.device)
             except RuntimeError as e:  # e.g. a FlashInfer preset without flashinfer-python: reported, not hidden
                 print(json.dumps({"preset": preset, "error": str(e)}), flush=True)
-                report.setdefault("errors", {})[f"{name}/{preset}"] = str(e)
-        del model
-        torch.cuda.empty_cache()
+                report.setdefault("errors", {})[f"{model_name}/{preset}"] = str(e)
+        del model  # the transformers model takes its memory
         if not args.skip_transformers:
-            rows += bench_transformers(ckpt, args.batches, args.prompt_len, args.vocab)
-        report["models"][name] = rows
+            rows += bench_transformers(ckpt, args.batches, args.prompt_len, args.vocab, args.device)
+        report["models"][model_name] = rows
         (args.out_dir / "bench.json").write_text(json.dumps(report, indent=1))
         (args.out_dir / "bench.md").write_text(markdown(report))
 
