@@ -128,12 +128,14 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # >= 16: tl.dot's smallest operand dimension
 
 
-def _dot_precision(device: torch.device) -> str:
-    """How tl.dot multiplies its fp32 operands. GPU: "tf32x3" (each operand split as hi + lo, both tf32; hi·hi +
-    hi·lo + lo·hi on tensor cores, fp32 accumulate): ~2^-22 relative per product, close to fp32, and ~20x faster
-    than "ieee" (CUDA-core FMA) on H100; never plain "tf32" (2^-11), Triton's default for fp32 operands.
-    Interpreter: "ieee" (it ignores the setting anyway: numpy fp32 matmul)."""
-    return "tf32x3" if device.type == "cuda" else "ieee"
+def _dot_precision(precision: str, device: torch.device) -> str:
+    """How tl.dot multiplies fp32 operands on a GPU. "tf32x3": each operand split as hi + lo, both tf32; hi·hi +
+    hi·lo + lo·hi on tensor cores, fp32 accumulate: ~2^-22 relative per product, ~30x faster than "ieee" (CUDA-core
+    FMA, exact fp32 products) for the chunked kernel on an H100. Never plain "tf32" (2^-11), Triton's default.
+    The interpreter always multiplies in fp32 (numpy): "ieee"."""
+    if precision not in ("tf32x3", "ieee"):
+        raise ValueError(f"GDN dot precision must be tf32x3 or ieee, got {precision!r}")
+    return precision if device.type == "cuda" else "ieee"
 
 
 @triton.jit
@@ -325,7 +327,7 @@ def _chunk_scan_kernel(
 
 
 def chunked_gated_delta_rule_triton(
-    q, k, v, g, beta, state_BHKV: torch.Tensor | None, chunk: int
+    q, k, v, g, beta, state_BHKV: torch.Tensor | None, chunk: int, dot_precision: str = "tf32x3"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """chunked_gated_delta_rule_ref's contract in two Triton kernels (fp32 throughout):
     1. _chunk_prepare_kernel, parallel over (sequence, value head, chunk): T = (I + A)^-1 (16x16 diagonal blocks by
@@ -346,7 +348,7 @@ def chunked_gated_delta_rule_triton(
     Hv, Dv = v.shape[2], v.shape[3]
     BK, BDV, BV = _pow2(Dk), _pow2(Dv), min(_SCAN_BV, _pow2(Dv))
     NC = triton.cdiv(S, chunk)
-    prec = _dot_precision(v.device)
+    prec = _dot_precision(dot_precision, v.device)
     u = torch.empty(B * Hv, NC * chunk, Dv, dtype=torch.float32, device=v.device)
     w = torch.empty(B * Hv, NC * chunk, Dk, dtype=torch.float32, device=v.device)
     qk_strides = (*q.stride(), *k.stride())

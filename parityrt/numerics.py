@@ -76,6 +76,11 @@ class GdnAlgo(str, Enum):
     recurrent = "recurrent"  # token-by-token recurrence everywhere (prefill and decode use the same adds)
 
 
+class DotPrecision(str, Enum):
+    tf32x3 = "tf32x3"  # fp32 operands as hi + lo tf32 parts, three tensor-core products: ~2^-22 relative, fast
+    ieee = "ieee"  # exact fp32 products on CUDA cores (~30x slower for the chunked GDN kernel)
+
+
 class AttentionImpl(str, Enum):
     eager = "eager"  # HF eager: bf16 scores, fp32 softmax rounded to bf16, bf16 PV matmul
     sdpa = "sdpa"  # torch scaled_dot_product_attention (fused math on CPU, flash/mem-efficient on GPU)
@@ -175,6 +180,7 @@ class GdnNumerics:
     impl: Impl = Impl.auto  # the delta rule (projections are linear / row_linear ops)
     algo: GdnAlgo = GdnAlgo.chunked
     chunk_size: int = 64
+    dot_precision: DotPrecision = DotPrecision.tf32x3  # triton chunked rule on a GPU: how its fp32 dots multiply
 
 
 @dataclass(slots=True, kw_only=True)

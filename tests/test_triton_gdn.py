@@ -164,12 +164,19 @@ def test_cuda_recurrent_prefill_equals_decode_bitwise():
     torch.testing.assert_close(s_full, s_ref, **REC_TOL)
 
 
+def test_dot_precision_is_validated():
+    q, k, v, g, beta, s0 = _inputs(1, 2, 1, 1, 16, 16)
+    with pytest.raises(ValueError, match="tf32x3 or ieee"):
+        chunked_gated_delta_rule_triton(q, k, v, g, beta, s0, 16, "tf32")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("with_state", [False, True])
-def test_cuda_chunked_matches_ref(with_state):
-    """S = 300 with chunk 64: four full chunks and a 44-token tail."""
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
+def test_cuda_chunked_matches_ref(with_state, precision):
+    """S = 300 with chunk 64: four full chunks and a 44-token tail; both dot precisions are within fp32 noise."""
     q, k, v, g, beta, s0 = _qwen(1, 300, seed=11, state=with_state)
-    o, s = chunked_gated_delta_rule_triton(q, k, v, g, beta, s0, 64)
+    o, s = chunked_gated_delta_rule_triton(q, k, v, g, beta, s0, 64, precision)
     o_ref, s_ref = chunked_gated_delta_rule_ref(q, k, v, g, beta, s0, 64)
     assert o.dtype == torch.bfloat16
     torch.testing.assert_close(o.float(), o_ref.float(), **BF16_TOL)

@@ -63,8 +63,11 @@ class GatedDeltaNet(nn.Module):
             rule = recurrent_gated_delta_rule_triton if triton else recurrent_gated_delta_rule_ref
             o, new_state = rule(q, k, v, g_SH[None], beta_SH[None], state)
         else:
-            rule = chunked_gated_delta_rule_triton if triton else chunked_gated_delta_rule_ref
-            o, new_state = rule(q, k, v, g_SH[None], beta_SH[None], state, self.nx.chunk_size)
+            args = (q, k, v, g_SH[None], beta_SH[None], state, self.nx.chunk_size)
+            if triton:
+                o, new_state = chunked_gated_delta_rule_triton(*args, self.nx.dot_precision.value)
+            else:
+                o, new_state = chunked_gated_delta_rule_ref(*args)
         if cache is not None:
             cache.conv[self.layer_idx], cache.recurrent[self.layer_idx] = new_conv_state, new_state
         return o[0]
