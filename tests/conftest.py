@@ -13,8 +13,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Modules whose CPU tests run Triton kernels on CPU tensors: possible only through the interpreter, which is
+# selected only where there is no GPU (with a GPU, `@triton.jit` compiles for it and refuses CPU tensors).
+INTERPRETER_MODULES = {"test_triton_gemm", "test_triton_moe", "test_triton_norm_attention", "test_triton_gdn",
+                       "test_kernel_policies"}
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="runs Triton kernels on CPU tensors through the interpreter, which is only "
+                                       "selected on machines without a GPU; the module's `cuda` tests cover the GPU")
+        for item in items:
+            if item.module.__name__ in INTERPRETER_MODULES and "cuda" not in item.keywords:
+                item.add_marker(skip)
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     for item in items:
