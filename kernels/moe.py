@@ -51,6 +51,28 @@ def experts_ref(
     return [y.view(T, K, -1) for y in y_PSH]
 
 
+def experts_grouped_mm(
+    x_TH: torch.Tensor, ids_TK: torch.Tensor, expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """experts_ref's unweighted outputs y_TKH computed as transformers' grouped_mm experts compute them: the
+    (token, slot) rows sorted by expert, one grouped GEMM over the [2I, H] gate_up weights, silu(gate)·up, one
+    grouped GEMM over the down weights. The grouped kernel (CUTLASS on a GPU) accumulates its own way, which is what
+    transformers' default experts produce; on CPU it equals a GEMM per expert. Only the hit experts are stacked."""
+    T, K = ids_TK.shape
+    hit, compact_S = torch.unique(ids_TK.reshape(-1), return_inverse=True)
+    sorted_S, perm_S = torch.sort(compact_S)
+    weights = [expert_weights(e) for e in hit.tolist()]
+    gate_up_G2IH, down_GHI = torch.stack([w[0] for w in weights]), torch.stack([w[1] for w in weights])
+    offs_G = torch.cumsum(torch.bincount(sorted_S, minlength=len(weights)), dim=0, dtype=torch.int32)
+    grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # F.grouped_mm from torch 2.10
+    x_SH = x_TH[perm_S // K].to(gate_up_G2IH.dtype)
+    gate, up = grouped_mm(x_SH, gate_up_G2IH.transpose(-2, -1), offs=offs_G).chunk(2, dim=-1)
+    y_SH = grouped_mm(F.silu(gate) * up, down_GHI.transpose(-2, -1), offs=offs_G)
+    y_TKH = torch.empty_like(y_SH)
+    y_TKH[perm_S] = y_SH
+    return y_TKH.view(T, K, -1)
+
+
 def combine_ref(
     y_TKH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, combine: str, order: str, out_dtype: torch.dtype
 ) -> torch.Tensor:

@@ -65,6 +65,11 @@ class Combine(str, Enum):
     bf16_score = "bf16_score"  # DeepEP combine: weight cast to bf16, bf16 product, bf16 running sum
 
 
+class ExpertsGemm(str, Enum):
+    per_expert = "per_expert"  # one library GEMM per hit expert (transformers' eager experts)
+    grouped_mm = "grouped_mm"  # torch's grouped GEMM over the expert-sorted rows (transformers' default experts)
+
+
 class CombineOrder(str, Enum):
     expert_id = "expert_id"  # ascending expert id per token (HF eager loops over experts)
     topk_slot = "topk_slot"  # router slot order (HF grouped_mm sums over dim=1)
@@ -136,7 +141,8 @@ class RouterNumerics:
 
 @dataclass(slots=True, kw_only=True)
 class ExpertsNumerics:
-    impl: Impl = Impl.auto  # torch: a GEMM per hit expert; triton: kernels/fused_moe.py (grouped GEMM, same rounding)
+    impl: Impl = Impl.auto  # torch: library GEMMs (`gemm`); triton: kernels/fused_moe.py (grouped GEMM, same rounding)
+    gemm: ExpertsGemm = ExpertsGemm.per_expert  # torch impl: how the expert GEMMs are issued
     combine: Combine = Combine.index_add_bf16
     order: CombineOrder = CombineOrder.expert_id
     fuse_gate_up: bool = True  # transformers' experts run one GEMM over the stored [2I, H] gate_up tensor

@@ -8,9 +8,9 @@ from torch import nn
 
 from kernels.fused_moe import Int4Weights, fused_experts
 from kernels.int4 import dequant_int4_ref
-from kernels.moe import combine_ref, experts_ref, gate_up_silu
+from kernels.moe import combine_ref, experts_grouped_mm, experts_ref, gate_up_silu
 from parityrt.layers.linear import AllReduce, Linear, PartsLoader, RowParallelLinear, RowParallelMatmul, make_param, matmul
-from parityrt.numerics import DequantOrder, ExpertsNumerics, Impl, MlpNumerics, RouterDtype, RouterNumerics, TpReduce
+from parityrt.numerics import DequantOrder, ExpertsGemm, ExpertsNumerics, Impl, MlpNumerics, RouterDtype, RouterNumerics, TpReduce
 
 
 class MLP(nn.Module):
@@ -134,10 +134,15 @@ class Experts(nn.Module):
         tp = self.down.tp
         if self.nx.impl == Impl.triton:
             return self._fused(x_TH, w_TK, ids_TK)
-        down = None if self.down.plain else self.down.partials
-        y_P = experts_ref(x_TH, ids_TK, self._weights(x_TH.dtype), self.nx.fuse_gate_up, down)
         wdtype = torch.float32 if self.quantized and self.nx.dequant == DequantOrder.fp32 else x_TH.dtype
         combine = lambda y: combine_ref(y, w_TK, ids_TK, self.nx.combine.value, self.nx.order.value, x_TH.dtype)
+        if self.nx.gemm == ExpertsGemm.grouped_mm:
+            if not self.down.plain:
+                raise ValueError("experts.gemm=grouped_mm is transformers' single-device path: it needs TP=1 and "
+                                 "row_linear.k_order=library for the experts' down projection")
+            return combine(experts_grouped_mm(x_TH, ids_TK, self._weights(x_TH.dtype)).to(wdtype))
+        down = None if self.down.plain else self.down.partials
+        y_P = experts_ref(x_TH, ids_TK, self._weights(x_TH.dtype), self.nx.fuse_gate_up, down)
         if tp.size == 1:
             return combine(y_P[0].to(wdtype))
         if self.nx.tp_reduce == TpReduce.before_combine:
