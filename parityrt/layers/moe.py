@@ -150,11 +150,10 @@ class Experts(nn.Module):
             return combine(self.reduce(y_P, wdtype).to(wdtype))
         return self.reduce([combine(y.to(wdtype)) for y in y_P], x_TH.dtype).to(x_TH.dtype)
 
-
     def _fused(self, x_TH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         """kernels/fused_moe.py: the same per-row rounding and combine as the torch path, one grouped GEMM per
         projection instead of a GEMM per hit expert."""
-        if self.down.tp.size > 1 or self.down.nx.k_order != "library":
+        if not self.down.plain:
             raise ValueError("experts.impl=triton runs the whole expert K on one GPU: it needs TP=1 and "
                              "row_linear.k_order=library for the experts' down projection (use impl=torch otherwise)")
         nx = self.nx
