@@ -57,18 +57,18 @@ def _first_difference(ours, hf, ids_BS: torch.Tensor) -> str:
     return "no sub-module output differs (the difference is after the last layer)"
 
 
-def hf_parity(name: str, cache_dir: str) -> dict:
+def hf_parity(name: str, cache_dir: str, device: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    run = compose_run([f"model={name}", f"model.cache_dir={cache_dir}", "model.device=cuda"])
+    run = compose_run([f"model={name}", f"model.cache_dir={cache_dir}", f"model.device={device}"])
     ckpt = ensure_generated_checkpoint(run.model)
     ours, _ = build_model(run.model)
-    ids = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(0)).to(device)
     apply_process_settings(load_preset("hf_eager"))
     out = {}
     for preset, experts in (("hf_eager", "eager"), ("hf_grouped", "grouped_mm")):
         hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="eager",
-                                                  experts_implementation=experts).cuda().eval()
+                                                  experts_implementation=experts).to(device).eval()
         bind(ours, load_preset(preset))
         with torch.no_grad():
             ref = hf(ids).logits
@@ -76,7 +76,6 @@ def hf_parity(name: str, cache_dir: str) -> dict:
         equal = torch.equal(got, ref)
         first = None if equal else _first_difference(ours, hf, ids)
         del hf
-        torch.cuda.empty_cache()
         out[preset] = {"bitwise": equal, "max_abs_diff": (got.float() - ref.float()).abs().max().item(),
                        "first_difference": first}
     return out
@@ -100,12 +99,13 @@ def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
             "max_abs_dlogprob": (lr - lg).abs().max().item(), "rows_differing": int((r != g).any(-1).sum())}
 
 
-def invariance(name: str, cache_dir: str, presets: list[str], vocab: int = 2048) -> dict:
-    run = compose_run([f"model={name}", f"model.cache_dir={cache_dir}", "model.device=cuda"])
+def invariance(name: str, cache_dir: str, presets: list[str], device: str, n_seqs: int = 64, max_len: int = 64,
+               vocab: int = 2048) -> dict:
+    run = compose_run([f"model={name}", f"model.cache_dir={cache_dir}", f"model.device={device}"])
     model, _ = build_model(run.model)
     gen = torch.Generator().manual_seed(1)
-    lens = torch.randint(2, 65, (64,), generator=gen).tolist()
-    seqs = [torch.randint(0, vocab, (n,), generator=gen).cuda() for n in lens]
+    lens = torch.randint(2, max_len + 1, (n_seqs,), generator=gen).tolist()
+    seqs = [torch.randint(0, vocab, (n,), generator=gen).to(device) for n in lens]
     out = {}
     for preset in presets:
         policy = load_preset(preset)
@@ -113,12 +113,11 @@ def invariance(name: str, cache_dir: str, presets: list[str], vocab: int = 2048)
         bind(model, policy)
         t0 = time.perf_counter()
         alone = [_logits(model, [s], [0], [None])[0] for s in seqs]
-        batch8 = _logits(model, seqs[:8], [0] * 8, [None] * 8)
-        batch64 = _logits(model, seqs, [0] * 64, [None] * 64)
-        # decode: prefill half of every sequence (a batch of 64), then one token per sequence per step
+        batches = {n: _logits(model, seqs[:n], [0] * n, [None] * n) for n in sorted({min(8, n_seqs), n_seqs})}
+        # decode: prefill half of every sequence (one batch), then one token per sequence per step
         caches = [StateCache() for _ in seqs]
         half = [max(1, n // 2) for n in lens]
-        decoded = [[rows] for rows in _logits(model, [s[:h] for s, h in zip(seqs, half)], [0] * 64, caches)]
+        decoded = [[rows] for rows in _logits(model, [s[:h] for s, h in zip(seqs, half)], [0] * n_seqs, caches)]
         batch_sizes = []
         for t in range(max(lens)):
             live = [i for i, (h, n) in enumerate(zip(half, lens)) if h + t < n]
@@ -130,8 +129,7 @@ def invariance(name: str, cache_dir: str, presets: list[str], vocab: int = 2048)
             for i, r in zip(live, rows):
                 decoded[i].append(r)
         out[preset] = {
-            "batch8_prefill_vs_alone": _compare(alone[:8], batch8),
-            "batch64_prefill_vs_alone": _compare(alone, batch64),
+            **{f"batch{n}_prefill_vs_alone": _compare(alone[:n], rows) for n, rows in batches.items()},
             "decode_vs_alone_prefill": _compare(alone, [torch.cat(d) for d in decoded]),
             "decode_batch_sizes": f"{batch_sizes[0]}..{batch_sizes[-1]} over {len(batch_sizes)} steps",
             "seconds": round(time.perf_counter() - t0, 1),
@@ -147,17 +145,22 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["rl_parity_gpu", "hf_eager", "engine_fast"])
     p.add_argument("--cache", default="/tmp/parityrt_cache")
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (torch kernels only)")
+    p.add_argument("--sequences", type=int, default=64, help="sequences in the invariance check (the largest batch)")
+    p.add_argument("--max-len", type=int, default=64, help="their lengths are drawn from 2..max-len")
     args = p.parse_args()
     import transformers
 
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__}
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    report = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         report[name] = {}
         if not args.skip_hf:
-            report[name]["hf_parity"] = hf_parity(name, args.cache)
+            report[name]["hf_parity"] = hf_parity(name, args.cache, args.device)
             print(json.dumps({name: report[name]}, indent=1), flush=True)
-        report[name]["invariance"] = invariance(name, args.cache, args.presets)
+        report[name]["invariance"] = invariance(name, args.cache, args.presets, args.device, args.sequences,
+                                                args.max_len)
         (args.out_dir / "gpu_report.json").write_text(json.dumps(report, indent=1))
 
 
