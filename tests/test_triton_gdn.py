@@ -75,10 +75,8 @@ def test_chunked_matches_ref_and_recurrent(Hk, Hv, Dk, Dv, with_state):
     torch.testing.assert_close(s, s_rec, **CHUNK_TOL)
 
 
-def test_recurrent_prefill_equals_decode_bitwise():
-    """10-token prefill == 10 single-token steps carrying the state == a 4 + 6 split: same bits, outputs and state."""
-    q, k, v, g, beta, s0 = _inputs(1, 10, 2, 4, 32, 48, seed=2)
-    o_full, s_full = recurrent_gated_delta_rule_triton(q, k, v, g, beta, s0)
+def _assert_chunkings_match(q, k, v, g, beta, s0, o_full, s_full):
+    """A 4 + 6 split and 10 single-token steps, each carrying the state, give the 10-token call's bits."""
     for cuts in ([0, 4, 10], list(range(11))):
         outs, s = [], s0
         for lo, hi in zip(cuts, cuts[1:]):
@@ -86,6 +84,13 @@ def test_recurrent_prefill_equals_decode_bitwise():
             outs.append(o_part)
         assert torch.equal(torch.cat(outs, dim=1), o_full), cuts
         assert torch.equal(s, s_full), cuts
+
+
+def test_recurrent_prefill_equals_decode_bitwise():
+    """10-token prefill == 10 single-token steps carrying the state == a 4 + 6 split: same bits, outputs and state."""
+    q, k, v, g, beta, s0 = _inputs(1, 10, 2, 4, 32, 48, seed=2)
+    o_full, s_full = recurrent_gated_delta_rule_triton(q, k, v, g, beta, s0)
+    _assert_chunkings_match(q, k, v, g, beta, s0, o_full, s_full)
 
 
 @pytest.mark.parametrize("chunk", [32, 64])
@@ -152,13 +157,7 @@ def test_cuda_recurrent_prefill_equals_decode_bitwise():
     q, k, v, g, beta, s0 = _qwen(2, 10, seed=10)
     o_full, s_full = recurrent_gated_delta_rule_triton(q, k, v, g, beta, s0)
     assert o_full.dtype == torch.bfloat16
-    for cuts in ([0, 4, 10], list(range(11))):
-        outs, s = [], s0
-        for lo, hi in zip(cuts, cuts[1:]):
-            o_part, s = recurrent_gated_delta_rule_triton(*(_step(x, lo, hi) for x in (q, k, v, g, beta)), s)
-            outs.append(o_part)
-        assert torch.equal(torch.cat(outs, dim=1), o_full), cuts
-        assert torch.equal(s, s_full), cuts
+    _assert_chunkings_match(q, k, v, g, beta, s0, o_full, s_full)
     o_ref, s_ref = recurrent_gated_delta_rule_ref(q, k, v, g, beta, s0)
     torch.testing.assert_close(o_full.float(), o_ref.float(), **BF16_TOL)
     torch.testing.assert_close(s_full, s_ref, **REC_TOL)
