@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -46,3 +48,21 @@ def store_dtype(out_dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def finish(y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Round what the kernel wrote to out_dtype (a no-op on GPU, where the kernel already rounded)."""
     return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    """The smallest power of two >= n and >= floor (block sizes: tl.arange needs powers of two, tl.dot >= 16)."""
+    return max(floor, triton.next_power_of_2(max(n, 1)))
+
+
+@triton.jit
+def round_bf16(x, NATIVE: tl.constexpr):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32. NATIVE (GPU): the hardware cast. Otherwise
+    integer ops on the fp32 bits, exact under the interpreter too (whose casts truncate): add 0x7FFF plus the
+    lowest kept bit, drop the low 16 bits; int32 wrap-around equals uint32 arithmetic here. NaN passes through
+    (the bit trick could carry its payload into the sign or exponent)."""
+    if NATIVE:
+        return x.to(tl.bfloat16).to(tl.float32)
+    b = x.to(tl.int32, bitcast=True)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)  # -65536 == 0xFFFF0000
+    return tl.where(x != x, x, r)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._triton import check_device, finish, store_dtype
+from kernels._triton import check_device, finish, pow2_at_least, store_dtype
 
 
 def _causal_mask(S: int, L: int, device: torch.device) -> torch.Tensor:
@@ -229,7 +229,7 @@ def attention_split_kv(
     if B * S == 0:
         return finish(o, dtype)
     G = Hq // Hkv
-    block_dqk, block_dv = max(16, triton.next_power_of_2(DQK)), max(16, triton.next_power_of_2(DV))
+    block_dqk, block_dv = pow2_at_least(DQK), pow2_at_least(DV)
     block_m, num_warps, num_stages = _tile(block_dqk, block_dv)
     grid = (triton.cdiv(S * G, block_m), B * Hkv)
     _attention_split_kv_kernel[grid](

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels._triton import check_device, finish, store_dtype
+from kernels._triton import check_device, finish, round_bf16, store_dtype
 from kernels.int4 import dequant_int4_ref
 from kernels.moe import combine_ref, experts_ref
 
@@ -64,17 +64,6 @@ class Int4Weights:
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _round_bf16(x, NATIVE: tl.constexpr):
-    """fp32 -> nearest-even bf16 value, kept in fp32. NATIVE (GPU): the hardware cvt.rn. Interpreter (whose casts
-    truncate): the same rounding on the bits: add 0x7FFF plus the lowest kept bit, drop the low 16 bits."""
-    if NATIVE:
-        return x.to(tl.bfloat16).to(tl.float32)
-    b = x.to(tl.int32, bitcast=True)
-    r = (b + 0x7FFF + ((b >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000; no int32 overflow for finite x or inf
-    return tl.where(x != x, x, r.to(tl.float32, bitcast=True))  # NaN stays NaN
 
 
 @triton.jit
@@ -113,7 +102,7 @@ def _load_w_KN(w_ptr, s_ptr, k0, K, offs_n, stride_wn, stride_sn, BLOCK_K: tl.co
         if BF16_MMA:
             w = w.to(tl.bfloat16)  # dequant="bf16" on a GPU: the one rounding (nearest even)
         elif ROUND_W:
-            w = _round_bf16(w, NATIVE)  # dequant="bf16" under the interpreter
+            w = round_bf16(w, NATIVE)  # dequant="bf16" under the interpreter
     else:
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=EVEN_K or offs_k[:, None] < K, other=0.0)
         if not BF16_MMA:
@@ -164,18 +153,18 @@ def _gate_up_kernel(
     gate = acc_g
     up = acc_u
     if ROUND_W:
-        gate = _round_bf16(gate, NATIVE)
-        up = _round_bf16(up, NATIVE)
+        gate = round_bf16(gate, NATIVE)
+        up = round_bf16(up, NATIVE)
     if NATIVE:
         ex = libdevice.exp(-gate)  # the CUDA expf torch's silu kernel calls
     else:
         ex = tl.exp(-gate)
     act = tl.div_rn(gate, 1.0 + ex)  # IEEE division (Triton's plain fp32 / is approximate on a GPU)
     if ROUND_W:
-        act = _round_bf16(act, NATIVE)
+        act = round_bf16(act, NATIVE)
     h = act * up  # exact for bf16 operands, then one rounding
     if ROUND_W:
-        h = _round_bf16(h, NATIVE)
+        h = round_bf16(h, NATIVE)
     # padding rows too (token 0's values): the down GEMM then reads finite values only, in every row it computes
     tl.store(h_ptr + offs_p[:, None] * stride_hp + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=offs_n[None, :] < I)
 
@@ -213,7 +202,7 @@ def _down_kernel(
             acc = tl.dot(a.to(tl.float32), w, acc, input_precision=PRECISION)
     y = acc
     if ROUND_W:
-        y = _round_bf16(y, NATIVE)
+        y = round_bf16(y, NATIVE)
     y_ptrs = y_ptr + tl.where(valid, rows, 0)[:, None] * stride_ys + offs_n[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < H))
 
@@ -238,16 +227,16 @@ def _combine_kernel(
                     other=0.0).to(tl.float32)
         c = y * w[None, :]
         if ROUND_PROD:
-            c = _round_bf16(c, False)
+            c = round_bf16(c, False)
         if ROUND_ACC:
-            c = _round_bf16(c, False)
+            c = round_bf16(c, False)
         # x + (−0) == x for every x: padding slots change nothing (−zeros: the interpreter drops a −0.0 literal's sign)
         c = tl.where(has_j[None, :], c, -tl.zeros_like(c))
         for lvl in tl.static_range(LOG_KP):  # level by level: slot pairs (0,1), (2,3), ...
             a, b = tl.split(tl.reshape(c, [BLOCK_H, KP >> (lvl + 1), 2]))
             c = a + b
             if ROUND_ACC:
-                c = _round_bf16(c, False)
+                c = round_bf16(c, False)
         acc = tl.reshape(c, [BLOCK_H])
     else:
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)  # +0 start, as combine_ref's zero buffer
@@ -257,14 +246,14 @@ def _combine_kernel(
             y = tl.load(y_ptr + (t * K + slot) * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)
             c = y * w
             if ROUND_PROD:
-                c = _round_bf16(c, False)
+                c = round_bf16(c, False)
             if ROUND_ACC:
-                c = _round_bf16(c, False)
+                c = round_bf16(c, False)
             acc = acc + c
             if ROUND_ACC:
-                acc = _round_bf16(acc, False)
+                acc = round_bf16(acc, False)
     if ROUND_OUT:
-        acc = _round_bf16(acc, False)
+        acc = round_bf16(acc, False)
     tl.store(out_ptr + t * H + offs_h, acc.to(out_ptr.dtype.element_ty), mask=mask_h)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._triton import check_device, finish, store_dtype
+from kernels._triton import check_device, finish, pow2_at_least, store_dtype
 
 
 def _prepare(q, k, v, beta, g):
@@ -124,10 +124,6 @@ def causal_conv1d_taps(x_BCS: torch.Tensor, w_CK: torch.Tensor, state_BCW: torch
 _PREP_WARPS, _SCAN_WARPS, _SCAN_STAGES, _SCAN_BV = 4, 4, 1, 32
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))  # >= 16: tl.dot's smallest operand dimension
-
-
 def _dot_precision(precision: str, device: torch.device) -> str:
     """How tl.dot multiplies fp32 operands on a GPU. "tf32x3": each operand split as hi + lo, both tf32; hi·hi +
     hi·lo + lo·hi on tensor cores, fp32 accumulate: ~2^-22 relative per product, ~30x faster than "ieee" (CUDA-core
@@ -211,7 +207,7 @@ def recurrent_gated_delta_rule_triton(
         q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
     B, S, Hk, Dk = k.shape
     Hv, Dv = v.shape[2], v.shape[3]
-    BK, BV = _pow2(Dk), min(32, _pow2(Dv))
+    BK, BV = pow2_at_least(Dk), min(32, pow2_at_least(Dv))
     new_state = torch.empty(B, Hv, Dk, Dv, dtype=torch.float32, device=v.device)
     s0 = state_BHKV.to(torch.float32).contiguous() if state_BHKV is not None else new_state
     o = torch.empty(B, S, Hv, Dv, dtype=store_dtype(out_dtype, v.device), device=v.device)
@@ -346,7 +342,7 @@ def chunked_gated_delta_rule_triton(
         q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
     B, S, Hk, Dk = k.shape
     Hv, Dv = v.shape[2], v.shape[3]
-    BK, BDV, BV = _pow2(Dk), _pow2(Dv), min(_SCAN_BV, _pow2(Dv))
+    BK, BDV, BV = pow2_at_least(Dk), pow2_at_least(Dv), min(_SCAN_BV, pow2_at_least(Dv))
     NC = triton.cdiv(S, chunk)
     prec = _dot_precision(dot_precision, v.device)
     u = torch.empty(B * Hv, NC * chunk, Dv, dtype=torch.float32, device=v.device)

@@ -33,10 +33,6 @@ class GemmConfig:
     group_m: int = 8  # launch order only (L2 reuse), never numerics
 
 
-def _pow2_at_least(n: int, floor: int) -> int:
-    return max(floor, triton.next_power_of_2(max(n, 1)))
-
-
 def gemm_config(N: int, K: int, dtype: torch.dtype) -> GemmConfig:
     """The fixed tiles for an [*, K] x [N, K]ᵀ product; dtype is the operand dtype (fp32 = the ieee fp32 path).
 
@@ -47,14 +43,14 @@ def gemm_config(N: int, K: int, dtype: torch.dtype) -> GemmConfig:
     """
     if dtype == torch.float32:  # FMA path (ieee): no tensor cores, so small tiles for the small-N router GEMVs
         if N < 1024:
-            return GemmConfig(block_m=16, block_n=16, block_k=min(64, _pow2_at_least(K, 16)), num_warps=4, num_stages=3)
-        return GemmConfig(block_m=64, block_n=64, block_k=min(32, _pow2_at_least(K, 16)), num_warps=4, num_stages=3)
-    block_k = min(128, _pow2_at_least(K, 16))
+            return GemmConfig(block_m=16, block_n=16, block_k=min(64, _triton.pow2_at_least(K, 16)), num_warps=4, num_stages=3)
+        return GemmConfig(block_m=64, block_n=64, block_k=min(32, _triton.pow2_at_least(K, 16)), num_warps=4, num_stages=3)
+    block_k = min(128, _triton.pow2_at_least(K, 16))
     if N >= 4096:
         return GemmConfig(block_m=128, block_n=128, block_k=block_k, num_warps=8, num_stages=3)
     if N >= 1024:
         return GemmConfig(block_m=64, block_n=128, block_k=block_k, num_warps=8, num_stages=3)
-    return GemmConfig(block_m=64, block_n=min(64, _pow2_at_least(N, 16)), block_k=block_k, num_warps=4, num_stages=3)
+    return GemmConfig(block_m=64, block_n=min(64, _triton.pow2_at_least(N, 16)), block_k=block_k, num_warps=4, num_stages=3)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import check_device, finish, store_dtype
+from kernels._triton import check_device, finish, round_bf16, store_dtype
 
 
 def _normalize_fp32(x32: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,17 +56,6 @@ NORM_PROGRAM_ELEMS = 2048  # rows shorter than this share a program (BLOCK_R = 2
 
 
 @triton.jit
-def _round_bf16(x):
-    """fp32 -> the nearest bf16 value (ties to even), kept in fp32. Integer ops on the fp32 bits, so the
-    interpreter (whose bf16 casts truncate) and the GPU give the same bits as torch's `.to(bfloat16)`.
-    NaN is passed through (the bit trick would carry a NaN payload into the sign/exponent)."""
-    b = x.to(tl.int32, bitcast=True)
-    # int32 wrap-around equals uint32 arithmetic here: only negative NaNs could carry out, and they are kept as-is
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, r)
-
-
-@triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr,
     stride_x, stride_res, stride_y, stride_new_res,
@@ -85,7 +74,7 @@ def _rms_norm_kernel(
     if HAS_RES:
         x = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32) + x
         if ROUND_SUM:
-            x = _round_bf16(x)
+            x = round_bf16(x, False)
         # the carried-on residual: rounded by the store (GPU) or by the launcher (interpreter); when ROUND_SUM
         # it is already a bf16 value, so that rounding is exact
         new_res_ptrs = new_res_ptr + rows[:, None] * stride_new_res + cols[None, :]
@@ -99,7 +88,7 @@ def _rms_norm_kernel(
         y = normed * (1.0 + w)
     else:
         if ROUND_NORMED:
-            normed = _round_bf16(normed)
+            normed = round_bf16(normed, False)
         # the product of two bf16 values is exact in fp32; the store (or the launcher) rounds it once
         y = w * normed
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)

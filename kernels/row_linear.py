@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels import _triton
+from kernels._triton import round_bf16
 
 
 def _tree_sum(terms: list[torch.Tensor]) -> torch.Tensor:
@@ -69,17 +70,6 @@ _MAX_LEVELS = 11  # the register stack below holds one [BLOCK_M, BLOCK_N] partia
 
 
 @triton.jit
-def _round_bf16(v, NATIVE: tl.constexpr):
-    """fp32 -> nearest-even bf16 value, kept in fp32. GPU: the hardware cast (round to nearest even). Interpreter
-    (whose cast truncates): the same rounding in integer bit arithmetic, exact in both modes."""
-    if NATIVE:
-        return v.to(tl.bfloat16).to(tl.float32)
-    bits = v.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return tl.where(v != v, v, rounded)  # NaN stays NaN (the bit trick could carry it into the sign bit)
-
-
-@triton.jit
 def _climb(v, s, t, LEVEL: tl.constexpr, ROUND_ACC: tl.constexpr, NATIVE: tl.constexpr):
     """Level LEVEL of the binary counter, reached when tile t closed every lower level (its low LEVEL bits are all
     ones). Bit LEVEL set: close this level's pair, v = s + v (s the left partial, v the right, in acc_dtype).
@@ -90,7 +80,7 @@ def _climb(v, s, t, LEVEL: tl.constexpr, ROUND_ACC: tl.constexpr, NATIVE: tl.con
         if ((t >> LEVEL) & 1) == 1:
             v = s + v  # fp32 add; a bf16 acc_dtype rounds right after, as torch's bf16 add does
             if ROUND_ACC:
-                v = _round_bf16(v, NATIVE)
+                v = round_bf16(v, NATIVE)
         else:
             s = v
     return v, s
@@ -105,7 +95,7 @@ def _fold(carry, s, LEVEL: tl.constexpr, NT: tl.constexpr, ROUND_ACC: tl.constex
         if (NT & ((1 << LEVEL) - 1)) != 0:
             carry = s + carry
             if ROUND_ACC:
-                carry = _round_bf16(carry, NATIVE)
+                carry = round_bf16(carry, NATIVE)
     return carry
 
 
@@ -149,7 +139,7 @@ def _tree_kernel(
         else:
             v = tl.dot(a, b, out_dtype=tl.float32)
         if ROUND_TILE:  # tile result rounded to bf16 (tile_dtype bf16, or its conversion to a bf16 acc_dtype)
-            v = _round_bf16(v, NATIVE)
+            v = round_bf16(v, NATIVE)
         x_ptrs += TILE_K * stride_xk
         w_ptrs += TILE_K * stride_wk
         if LEVELS > 0: v, s0 = _climb(v, s0, t, 0, ROUND_ACC, NATIVE)  # noqa: E701
@@ -186,7 +176,7 @@ def _tree_tiles(N: int) -> tuple[int, int, int]:
     path (64-row tiles) miscompiled this loop for some tree depths on an H100 (garbage partials at 32 tiles/shard
     with an fp32 acc_dtype). 32x32 was the fastest of the mma.sync shapes measured; small tiles also because the
     kernel holds up to 11 of them in registers."""
-    return 32, min(32, max(16, triton.next_power_of_2(N))), 4
+    return 32, min(32, _triton.pow2_at_least(N)), 4
 
 
 def row_partials_triton(

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from kernels.attention import attention_split_kv, attention_split_kv_ref, eager_attention_ref
-from kernels.norm import _round_bf16, add_rms_norm_ref, add_rms_norm_triton, rms_norm_ref, rms_norm_triton
+from kernels._triton import round_bf16
+from kernels.norm import add_rms_norm_ref, add_rms_norm_triton, rms_norm_ref, rms_norm_triton
 
 EPS = 1e-6
 
@@ -37,7 +38,7 @@ def _int_rows(R: int, D: int, hi: int, seed: int) -> torch.Tensor:
 def _round_bf16_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < N)
-    tl.store(y_ptr + offs, _round_bf16(x), mask=offs < N)
+    tl.store(y_ptr + offs, round_bf16(x, False), mask=offs < N)
 
 
 def test_round_bf16_is_torch_round_to_nearest_even():
