@@ -56,43 +56,54 @@ class GatedDeltaNet(nn.Module):
         """One token for each of B sequences in one conv and one delta-rule launch instead of B. Bitwise what
         _sequence gives each sequence alone: the tap-ordered conv is elementwise, the recurrent kernel computes each
         (sequence, head) in its own programs, and a sequence without state yet starts from zeros either way."""
-        B, layer = qkv_BC.shape[0], self.layer_idx
-        conv_zero = torch.zeros(1, qkv_BC.shape[1], self.conv_weight.shape[1] - 1, dtype=qkv_BC.dtype, device=qkv_BC.device)
-        conv_in = torch.cat([c.conv.get(layer, conv_zero) for c in caches])
-        qkv, conv_out = causal_conv1d_taps(qkv_BC[:, :, None], self.conv_weight, conv_in)
-        q, k, v = torch.split(qkv[:, :, 0], [self.key_size, self.key_size, self.value_size], dim=-1)
-        state_zero = torch.zeros(1, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32, device=qkv_BC.device)
-        state_in = torch.cat([c.recurrent.get(layer, state_zero) for c in caches])
-        o, state_out = recurrent_gated_delta_rule_triton(
-            q.reshape(B, 1, self.k_heads, self.k_dim), k.reshape(B, 1, self.k_heads, self.k_dim),
-            v.reshape(B, 1, self.v_heads, self.v_dim), g_BH[:, None], beta_BH[:, None], state_in)
+        layer = self.layer_idx
+        conv_in = _stack([c.conv.get(layer) for c in caches])
+        state_in = _stack([c.recurrent.get(layer) for c in caches])
+        o, conv_out, state_out = self._mix(qkv_BC[:, None], beta_BH[:, None], g_BH[:, None], conv_in, state_in)
         for i, cache in enumerate(caches):
             cache.conv[layer], cache.recurrent[layer] = conv_out[i : i + 1], state_out[i : i + 1]
         return o[:, 0]
 
     def _sequence(self, qkv_SC: torch.Tensor, beta_SH: torch.Tensor, g_SH: torch.Tensor, cache: StateCache | None) -> torch.Tensor:
         """Conv and delta rule over one sequence's new tokens, continuing from (and updating) its cache."""
-        S = qkv_SC.shape[0]
         conv_state = cache.conv.get(self.layer_idx) if cache is not None else None
+        state = cache.recurrent.get(self.layer_idx) if cache is not None else None
+        o, new_conv_state, new_state = self._mix(qkv_SC[None], beta_SH[None], g_SH[None], conv_state, state)
+        if cache is not None:
+            cache.conv[self.layer_idx], cache.recurrent[self.layer_idx] = new_conv_state, new_state
+        return o[0]
+
+    def _mix(self, qkv_BSC: torch.Tensor, beta_BSH: torch.Tensor, g_BSH: torch.Tensor, conv_state: torch.Tensor | None,
+             state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Causal conv + delta rule over B sequences of S new tokens each, from their states (None: they start
+        here). Returns (o [B, S, Hv, Dv], conv state, recurrent state)."""
+        B, S, _ = qkv_BSC.shape
         triton = self.nx.impl == Impl.triton
         conv = causal_conv1d_taps if triton else causal_conv1d_ref  # the kernel set also fixes the conv's tap order
-        qkv, new_conv_state = conv(qkv_SC.T[None], self.conv_weight, conv_state)
-        q, k, v = torch.split(qkv[0].T, [self.key_size, self.key_size, self.value_size], dim=-1)
-        q, k = q.reshape(1, S, self.k_heads, self.k_dim), k.reshape(1, S, self.k_heads, self.k_dim)
-        v = v.reshape(1, S, self.v_heads, self.v_dim)
-        state = cache.recurrent.get(self.layer_idx) if cache is not None else None
+        qkv, new_conv_state = conv(qkv_BSC.transpose(1, 2), self.conv_weight, conv_state)
+        q, k, v = torch.split(qkv.transpose(1, 2), [self.key_size, self.key_size, self.value_size], dim=-1)
+        q, k = q.reshape(B, S, self.k_heads, self.k_dim), k.reshape(B, S, self.k_heads, self.k_dim)
+        v = v.reshape(B, S, self.v_heads, self.v_dim)
         if self.nx.algo == GdnAlgo.recurrent or S == 1:
             rule = recurrent_gated_delta_rule_triton if triton else recurrent_gated_delta_rule_ref
-            o, new_state = rule(q, k, v, g_SH[None], beta_SH[None], state)
+            o, new_state = rule(q, k, v, g_BSH, beta_BSH, state)
         else:
-            args = (q, k, v, g_SH[None], beta_SH[None], state, self.nx.chunk_size)
+            args = (q, k, v, g_BSH, beta_BSH, state, self.nx.chunk_size)
             if triton:
                 o, new_state = chunked_gated_delta_rule_triton(*args, self.nx.dot_precision.value)
             else:
                 o, new_state = chunked_gated_delta_rule_ref(*args)
-        if cache is not None:
-            cache.conv[self.layer_idx], cache.recurrent[self.layer_idx] = new_conv_state, new_state
-        return o[0]
+        return o, new_conv_state, new_state
+
+
+def _stack(states: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Per-sequence [1, ...] states as one [B, ...] batch; zeros for a sequence that has none yet (what a fresh
+    state is), None when no sequence has one."""
+    present = [t for t in states if t is not None]
+    if not present:
+        return None
+    zero = torch.zeros_like(present[0]) if len(present) < len(states) else None
+    return torch.cat([zero if t is None else t for t in states])
 
 
 class _ConvLoader(PartsLoader):
