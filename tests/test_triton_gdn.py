@@ -118,16 +118,20 @@ def test_chunked_split_at_chunk_boundary_bitwise():
     assert torch.equal(s_b, s_full)
 
 
+def _assert_batch_invariant(form, chunk, q, k, v, g, beta, s0):
+    """Each sequence of the batch gets, alone, the bits it gets in the batch (outputs and state)."""
+    run = recurrent_gated_delta_rule_triton if form == "recurrent" else (
+        lambda *a: chunked_gated_delta_rule_triton(*a, chunk))
+    o, s = run(q, k, v, g, beta, s0)
+    for i in range(q.shape[0]):
+        o_i, s_i = run(*(x[i:i + 1] for x in (q, k, v, g, beta, s0)))
+        assert torch.equal(o_i, o[i:i + 1]) and torch.equal(s_i, s[i:i + 1])
+
+
 @pytest.mark.parametrize("form", ["recurrent", "chunked"])
 def test_batch_invariance_bitwise(form):
     """A batch of 2 sequences gives each sequence the bits it gets alone."""
-    q, k, v, g, beta, s0 = _inputs(2, 20, 1, 2, 16, 16, seed=4)
-    run = recurrent_gated_delta_rule_triton if form == "recurrent" else (
-        lambda *a: chunked_gated_delta_rule_triton(*a, 16))
-    o, s = run(q, k, v, g, beta, s0)
-    for i in range(2):
-        o_i, s_i = run(*(x[i:i + 1] for x in (q, k, v, g, beta, s0)))
-        assert torch.equal(o_i, o[i:i + 1]) and torch.equal(s_i, s[i:i + 1])
+    _assert_batch_invariant(form, 16, *_inputs(2, 20, 1, 2, 16, 16, seed=4))
 
 
 def test_refuses_cpu_without_interpreter(monkeypatch):
@@ -188,10 +192,4 @@ def test_cuda_chunked_matches_ref(with_state, precision):
 @pytest.mark.cuda
 @pytest.mark.parametrize("form", ["recurrent", "chunked"])
 def test_cuda_batch_invariance_bitwise(form):
-    q, k, v, g, beta, s0 = _qwen(3, 80, seed=12)
-    run = recurrent_gated_delta_rule_triton if form == "recurrent" else (
-        lambda *a: chunked_gated_delta_rule_triton(*a, 64))
-    o, s = run(q, k, v, g, beta, s0)
-    for i in range(3):
-        o_i, s_i = run(*(x[i:i + 1] for x in (q, k, v, g, beta, s0)))
-        assert torch.equal(o_i, o[i:i + 1]) and torch.equal(s_i, s[i:i + 1])
+    _assert_batch_invariant(form, 64, *_qwen(3, 80, seed=12))
