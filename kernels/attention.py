@@ -17,16 +17,28 @@ def _causal_mask(S: int, L: int, device: torch.device) -> torch.Tensor:
     return torch.ones(S, L, dtype=torch.bool, device=device).tril(L - S)
 
 
+def _key_mask(key_lens_B: torch.Tensor, L: int) -> torch.Tensor:
+    # decode over padded keys [B, H, L, D]: sequence b sees its first key_lens_B[b] keys; [B, 1, 1, L]
+    return (torch.arange(L, device=key_lens_B.device)[None, :] < key_lens_B[:, None])[:, None, None, :]
+
+
 def eager_attention_ref(
-    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, kv_block: int = 0
+    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, kv_block: int = 0,
+    key_lens_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """transformers' eager attention: scores as a model-dtype matmul times the scale, masked, fp32 softmax
     rounded back to the model dtype, then a model-dtype matmul with V. Masked entries become exactly zero
     probability (HF adds dtype-min, which also underflows to zero in the fp32 softmax).
     kv_block > 0: the key axis is padded with masked keys to a multiple of kv_block, so a query row has the same
     length and memory layout whether it is computed in a prefill chunk or in decode (vectorised exp and the PV
-    reduction then treat each key alike); 0 keeps transformers' exact row length."""
+    reduction then treat each key alike); 0 keeps transformers' exact row length.
+    key_lens_B (decode, S = 1): the keys are padded per sequence (CUDA-graph decode) and sequence b sees its first
+    key_lens_B[b]; the row is then as long as the padded keys, so its bits may differ from an unpadded row's."""
     S, L = q_BHSD.shape[2], k_BHLD.shape[2]
+    if key_lens_B is not None:
+        if S != 1:
+            raise ValueError(f"key_lens_B is for decode (one query per sequence), got {S} queries")
+        kv_block = 0  # the keys are already padded
     groups = q_BHSD.shape[1] // k_BHLD.shape[1]
     k = k_BHLD.repeat_interleave(groups, dim=1)
     v = v_BHLD.repeat_interleave(groups, dim=1)
@@ -34,16 +46,24 @@ def eager_attention_ref(
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
     scores = torch.matmul(q_BHSD, k.transpose(2, 3)) * scale
-    if S > 1 or pad:
+    if key_lens_B is not None:
+        scores = scores.masked_fill(~_key_mask(key_lens_B, L), torch.finfo(scores.dtype).min)
+    elif S > 1 or pad:
         visible = F.pad(_causal_mask(S, L, q_BHSD.device), (0, pad))
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_BHSD.dtype)
     return torch.matmul(probs, v)
 
 
-def sdpa_attention(q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float) -> torch.Tensor:
+def sdpa_attention(q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float,
+                   key_lens_B: torch.Tensor | None = None) -> torch.Tensor:
     S, L = q_BHSD.shape[2], k_BHLD.shape[2]
-    mask = _causal_mask(S, L, q_BHSD.device) if S > 1 else None
+    if key_lens_B is not None:
+        if S != 1:
+            raise ValueError(f"key_lens_B is for decode (one query per sequence), got {S} queries")
+        mask = _key_mask(key_lens_B, L)
+    else:
+        mask = _causal_mask(S, L, q_BHSD.device) if S > 1 else None
     return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
@@ -60,14 +80,17 @@ def _visible(S: int, L: int, lo: int, hi: int, device: torch.device) -> torch.Te
 
 def attention_split_kv_ref(
     q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, split: int = 64,
-    round_p: bool = False,
+    round_p: bool = False, key_lens_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """attention_split_kv's op sequence in torch (all fp32, keys in blocks of `split` from position 0):
         s = (q·kᵀ) * scale, masked keys -> -inf;  m' = max(m, rowmax s);  a = exp(m - m');  p = exp(s - m')
         l = l·a + rowsum p;  acc = acc·a + p·v;  m = m';   finally o = (acc / l) rounded once to q's dtype.
     The elementwise ops are the kernel's, in the kernel's order; the dot products, rowsums and the order in which
     p·v is added to acc differ in summation order only. round_p: p is rounded to q's dtype before p·v (what the
-    kernel does on a GPU with bf16 inputs; l still sums the unrounded p)."""
+    kernel does on a GPU with bf16 inputs; l still sums the unrounded p). key_lens_B: as attention_split_kv's."""
+    if key_lens_B is not None:  # each sequence on its own keys, exactly as if they were not padded
+        return torch.cat([attention_split_kv_ref(q_BHSD[b : b + 1], k_BHLD[b : b + 1, :, :n], v_BHLD[b : b + 1, :, :n],
+                                                 scale, split, round_p) for b, n in enumerate(key_lens_B.tolist())])
     B, Hq, S, _ = q_BHSD.shape
     L = k_BHLD.shape[2]
     groups = Hq // k_BHLD.shape[1]
@@ -131,7 +154,8 @@ def _attend_block(
 def _attention_split_kv_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_s,
-    S, L, Hkv, scale,
+    S, L, lens_ptr, Hkv, scale,
+    PER_SEQ_L: tl.constexpr,  # decode over padded keys: L of batch row b is lens_ptr[b] (S = 1)
     G: tl.constexpr,  # query heads per kv head; a tile's rows are (query, head-in-group) pairs sharing K/V loads
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -141,6 +165,8 @@ def _attention_split_kv_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
+    if PER_SEQ_L:
+        L = tl.load(lens_ptr + b)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # over S * G rows: row = query * G + head-in-group
     row_ok = rows < S * G
@@ -197,7 +223,8 @@ def _tile(block_dqk: int, block_dv: int) -> tuple[int, int, int]:
 
 
 def attention_split_kv(
-    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, split: int = 64
+    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, split: int = 64,
+    key_lens_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention with a fixed split-KV order. q [B, Hq, S, Dqk] at absolute positions L-S..L-1;
     k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv] (cached keys first); Hkv divides Hq; Dqk may differ from Dv (MLA)
@@ -211,7 +238,10 @@ def attention_split_kv(
     for p·v (l sums the unrounded fp32 p), accumulating in fp32.
     Block boundaries are absolute key positions and a row's op sequence depends on neither S, the chunking,
     the batch nor its place in the tile (fixed tile from the head dims), so a token's output is bitwise the same
-    in a prefill of any length or chunking and in decode (S = 1). attention_split_kv_ref is the torch mirror."""
+    in a prefill of any length or chunking and in decode (S = 1). attention_split_kv_ref is the torch mirror.
+    key_lens_B (int32 [B], decode with S = 1): the keys are padded per sequence (CUDA-graph decode reads a fixed
+    [B, Hkv, L_max, D] buffer) and sequence b attends to its first key_lens_B[b]; read on the device (no host sync),
+    and the key blocks past a sequence's length are skipped, so its bits are those of the unpadded call."""
     check_device(q_BHSD, k_BHLD, v_BHLD)
     B, Hq, S, DQK = q_BHSD.shape
     _, Hkv, L, DV = v_BHLD.shape
@@ -219,6 +249,9 @@ def attention_split_kv(
         raise ValueError(f"shapes q {tuple(q_BHSD.shape)}, k {tuple(k_BHLD.shape)}, v {tuple(v_BHLD.shape)} do not fit")
     if L < S:
         raise ValueError(f"{S} queries need at least as many keys, got {L}")
+    if key_lens_B is not None and (S != 1 or key_lens_B.shape != (B,) or key_lens_B.dtype != torch.int32):
+        raise ValueError(f"key_lens_B must be int32 [B = {B}] with one query per sequence, got "
+                         f"{key_lens_B.dtype} {tuple(key_lens_B.shape)} and {S} queries")
     if split < 16 or split > 256 or split & (split - 1):
         raise ValueError(f"split must be a power of two in [16, 256], got {split}")
     dtype = q_BHSD.dtype
@@ -236,8 +269,8 @@ def attention_split_kv(
         q, k, v, o,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        S, L, Hkv, scale,
-        G=G, DQK=DQK, DV=DV, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, SPLIT=split, BLOCK_M=block_m,
+        S, L, q if key_lens_B is None else key_lens_B, Hkv, scale,
+        PER_SEQ_L=key_lens_B is not None, G=G, DQK=DQK, DV=DV, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, SPLIT=split, BLOCK_M=block_m,
         BF16_MMA=q.device.type == "cuda" and dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -56,6 +56,11 @@ class EngineConfig:
     # Pad steps and pin attention kernels so that a row's bits do not depend on the batch's shape (CPU: see
     # parityrt/engine/model_runner.py). null: on when the policy samples with seeded Gumbel-max (invariant presets).
     shape_stable_kernels: bool | None = None
+    # Replay decode steps (every running sequence at one new token) as CUDA graphs, captured per batch and page
+    # bucket on first use (parityrt/engine/cuda_graph.py). CUDA, TP = 1, and a policy whose ops can be captured
+    # (a clear error otherwise). Decode steps of more than cuda_graph_max_bs sequences run without a graph.
+    cuda_graph: bool = False
+    cuda_graph_max_bs: int = 64
 
 
 @dataclass(slots=True, kw_only=True)

@@ -187,6 +187,35 @@ def test_attention_prefill_decode_chunking_invariance():
     assert not torch.equal(attention_split_kv(q, k, v, scale, 32), full)
 
 
+def _padded_decode_check(q, k, v, lens, scale, split):
+    """Decode over keys padded per sequence (CUDA-graph decode): row b over its first lens[b] keys is bitwise the
+    unpadded call, whatever garbage follows them."""
+    k, v = k.clone(), v.clone()
+    for b, n in enumerate(lens):
+        k[b, :, n:], v[b, :, n:] = 1e4, float("nan")  # never read: blocks past a row's length are skipped
+    padded = attention_split_kv(q, k, v, scale, split, torch.tensor(lens, dtype=torch.int32, device=q.device))
+    for b, n in enumerate(lens):
+        assert torch.equal(padded[b], attention_split_kv(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], scale, split)[0]), b
+    return padded
+
+
+def test_attention_over_padded_keys_is_each_sequence_alone():
+    B, Hq, Hkv, L, Dqk, Dv, split = 4, 6, 2, 80, 48, 40, 16
+    q, k, v = _qkv(B, Hq, Hkv, 1, L, Dqk, Dv, seed=8)
+    lens = [1, 16, 33, 80]  # one key, a whole block, a partial block, every key
+    padded = _padded_decode_check(q, k, v, lens, Dqk**-0.5, split)
+    key_lens = torch.tensor(lens, dtype=torch.int32)
+    torch.testing.assert_close(padded, attention_split_kv_ref(q, k, v, Dqk**-0.5, split, key_lens_B=key_lens),
+                               rtol=1e-5, atol=5e-6)
+    # the torch impls mask the padded keys instead (v zeroed there: eager multiplies 0-probabilities by it)
+    for b, n in enumerate(lens):
+        v[b, :, n:] = 0.0
+    eager = eager_attention_ref(q, k, v, Dqk**-0.5, key_lens_B=key_lens)
+    torch.testing.assert_close(eager, padded, rtol=1e-5, atol=5e-6)
+    with pytest.raises(ValueError, match="int32"):
+        attention_split_kv(q, k, v, 0.1, split, key_lens.long())
+
+
 def test_attention_rejects_bad_input(monkeypatch):
     q, k, v = _qkv(1, 2, 1, 4, 8, 16, 16, seed=0)
     with pytest.raises(ValueError):
@@ -261,3 +290,8 @@ def test_cuda_attention_bf16(Hq, Hkv, Dqk, Dv):
     torch.testing.assert_close(full.float(), mirror.float(), rtol=2.0**-7, atol=2.0**-9)
     # transformers' bf16 eager rounds the scores, the probabilities and the p·v matmul to bf16 -> looser
     torch.testing.assert_close(full.float(), eager_attention_ref(q, k, v, scale).float(), rtol=3e-2, atol=3e-2)
+    # graph decode: the same tokens' queries over per-sequence padded keys, bitwise the prefill's rows
+    rows = [0, 77, S - 1]
+    padded = _padded_decode_check(q[0, :, rows].transpose(0, 1)[:, :, None], k.expand(3, -1, -1, -1),
+                                  v.expand(3, -1, -1, -1), [past + t + 1 for t in rows], scale, split)
+    assert torch.equal(padded[:, :, 0], full[0, :, rows].transpose(0, 1))

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from parityrt.config import EngineConfig
+from parityrt.engine.cuda_graph import DecodeGraphs
 from parityrt.engine.kv_cache import KVPool, StatePool
 from parityrt.engine.model_runner import ModelRunner, SeqResult, inner_module
 from parityrt.engine.output import response, stop_string
@@ -26,8 +27,15 @@ class Engine:
                              f"engine.max_seq_len ({cfg.max_seq_len}) tokens, or it could never run")
         self.tokenizer, self.eos, self.cfg, self.weight_version = tokenizer, set(eos_token_ids), cfg, weight_version
         device = next(inner_module(model).parameters()).device
-        self.kv = KVPool(cfg.max_total_tokens, cfg.page_size, device)
-        self.states = StatePool(cfg.max_running_requests, device)
+        # CUDA graphs: one more page and state slot, for the padding rows of a captured batch
+        spare = int(cfg.cuda_graph)
+        self.kv = KVPool(cfg.max_total_tokens + spare * cfg.page_size, cfg.page_size, device)
+        self.states = StatePool(cfg.max_running_requests + spare, device)
+        self.graphs = None
+        if cfg.cuda_graph:
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError("engine.cuda_graph=true runs on one GPU (TP = 1); set engine.cuda_graph=false for TP > 1")
+            self.graphs = DecodeGraphs(self.kv, self.states, min(cfg.cuda_graph_max_bs, cfg.max_running_requests), cfg.max_seq_len)
         self.seqs: dict[str, Sequence] = {}
         self.scheduler = Scheduler(self.kv, self.states, cfg.max_running_requests, cfg.chunked_prefill_size,
                                    chunk_alignment(inner_module(model)))
@@ -44,7 +52,9 @@ class Engine:
         module = inner_module(model)
         self.gumbel = module.sampler.nx.method == SamplingMethod.gumbel
         stable = self.cfg.shape_stable_kernels if self.cfg.shape_stable_kernels is not None else self.gumbel
-        self.runner = ModelRunner(model, stable, sorted(self.eos))
+        if self.graphs is not None:
+            self.graphs.bind(module)
+        self.runner = ModelRunner(model, stable, sorted(self.eos), self.graphs)
 
     def add(self, req: GenerateRequest) -> Sequence:
         if req.rid in self.seqs:

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from parityrt.engine.cuda_graph import DecodeGraphs
 from parityrt.engine.sampler import sampling_tensors
 from parityrt.engine.scheduler import Sequence
 from parityrt.layers.cache import ForwardBatch
@@ -45,8 +46,8 @@ def inner_module(model) -> nn.Module:
 
 
 class ModelRunner:
-    def __init__(self, model, shape_stable: bool, eos_token_ids: list[int]):
-        self.model, self.shape_stable, self.eos = model, shape_stable, list(eos_token_ids)
+    def __init__(self, model, shape_stable: bool, eos_token_ids: list[int], graphs: DecodeGraphs | None = None):
+        self.model, self.shape_stable, self.eos, self.graphs = model, shape_stable, list(eos_token_ids), graphs
         self.module = inner_module(model)
         self.device = next(self.module.parameters()).device
         self.vocab = self.module.args.vocab_size
@@ -55,6 +56,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> list[SeqResult]:
+        want_routes = any(s.req.return_routed_experts for s, _ in batch)
+        if self.graphs is not None and self.graphs.fits(batch):
+            logits, routes = self.graphs.run(batch, want_routes)
+            return self._results(batch, logits, list(range(len(batch))), {i: i for i in range(len(batch))}, routes)
         ids, pos, lens, caches = [], [], [], []
         for seq, n in batch:
             ids += seq.all_ids[seq.num_computed : seq.num_computed + n]
@@ -63,7 +68,6 @@ class ModelRunner:
             caches.append(seq.cache)
         if self.shape_stable and (pad := -sum(lens) % STABLE_ROWS):
             ids, pos, lens, caches = ids + [0] * pad, pos + list(range(pad)), lens + [pad], caches + [None]
-        want_routes = any(s.req.return_routed_experts for s, _ in batch)
         with self._stable_attention(), self._capture_routes(want_routes) as routes:
             h = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), ForwardBatch(lens, caches))
             rows, owners = self._logit_rows(batch, h.shape[0])

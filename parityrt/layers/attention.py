@@ -22,15 +22,20 @@ class Attention(nn.Module):
         self.scale = scale
         self.nx = AttentionNumerics()
 
-    def forward(self, q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> torch.Tensor:
+    def forward(self, q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor,
+                key_lens_B: torch.Tensor | None = None) -> torch.Tensor:
+        """key_lens_B: decode over per-sequence padded keys (PagedDecode); sequence b sees its first key_lens_B[b]."""
         impl = self.nx.impl
         if impl == AttentionImpl.sdpa:
-            return sdpa_attention(q_BHSD, k_BHLD, v_BHLD, self.scale)
+            return sdpa_attention(q_BHSD, k_BHLD, v_BHLD, self.scale, key_lens_B)
         if impl == AttentionImpl.triton:
-            return attention_split_kv(q_BHSD, k_BHLD, v_BHLD, self.scale, self.nx.split_kv)
+            return attention_split_kv(q_BHSD, k_BHLD, v_BHLD, self.scale, self.nx.split_kv, key_lens_B)
         if impl == AttentionImpl.flashinfer:
+            if key_lens_B is not None:
+                raise ValueError("attention.impl=flashinfer has no padded-key (CUDA-graph) decode in parityrt: use "
+                                 "attention.impl=triton, or engine.cuda_graph=false")
             return flashinfer_ops.attention(q_BHSD, k_BHLD, v_BHLD, self.scale)
-        return eager_attention_ref(q_BHSD, k_BHLD, v_BHLD, self.scale, self.nx.kv_block)
+        return eager_attention_ref(q_BHSD, k_BHLD, v_BHLD, self.scale, self.nx.kv_block, key_lens_B)
 
 
 class GatedAttention(nn.Module):
@@ -59,6 +64,9 @@ class GatedAttention(nn.Module):
         q = self.q_norm(q)[0]
         k = self.k_norm(self.k_proj(x_TH).view(T, self.kv_heads, self.head_dim))[0]
         v = self.v_proj(x_TH).view(T, self.kv_heads, self.head_dim)
+        if batch.paged is not None:
+            o = self._paged_decode(q, k, v, cos_sin, batch)
+            return self.o_proj(o * torch.sigmoid(gate.reshape(T, -1)))
         outs = []
         for q_s, k_s, v_s, cos, sin, cache in zip(*map(batch.split, (q, k, v, *cos_sin)), batch.caches):
             # one sequence as a batch of one, heads before time: [1, H, n, D]
@@ -70,3 +78,13 @@ class GatedAttention(nn.Module):
             outs.append(self.attn(q_s, k_s, v_s)[0].transpose(0, 1))
         o = torch.cat(outs).reshape(T, -1)
         return self.o_proj(o * torch.sigmoid(gate.reshape(T, -1)))
+
+    def _paged_decode(self, q_BHD, k_BHD, v_BHD, cos_sin, batch: ForwardBatch) -> torch.Tensor:
+        """One token per sequence: rope on all rows at once (elementwise: each row's bits as alone), the new K/V
+        written to the pool, attention over each sequence's gathered keys."""
+        cos, sin = cos_sin[0][None], cos_sin[1][None]
+        q = self.rope(q_BHD.transpose(0, 1)[None], (cos, sin))[0].transpose(0, 1)  # rows as positions of one "sequence"
+        k = self.rope(k_BHD.transpose(0, 1)[None], (cos, sin))[0].transpose(0, 1)
+        k_all, v_all = batch.paged.append_kv(self.layer_idx, k.contiguous(), v_BHD.contiguous())
+        o = self.attn(q[:, :, None], k_all, v_all, batch.paged.kv_len_B)  # [B, H, 1, D]
+        return o.reshape(q_BHD.shape[0], -1)

@@ -42,7 +42,9 @@ class GatedDeltaNet(nn.Module):
         beta_T = self.in_proj_b(x_TH).sigmoid()
         # decay in fp32: -exp(A_log)·softplus(a + dt_bias), <= 0 (fp16/bf16 exp would overflow or lose it)
         g_T = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_TH).float() + self.dt_bias)
-        if self.nx.impl == Impl.triton and all(n == 1 for n in batch.lens) and None not in batch.caches:
+        if batch.paged is not None:
+            o_T = self._paged_step(qkv_T, beta_T, g_T, batch)
+        elif self.nx.impl == Impl.triton and all(n == 1 for n in batch.lens) and None not in batch.caches:
             o_T = self._decode_step(qkv_T, beta_T, g_T, batch.caches)
         else:
             o_T = torch.cat([self._sequence(qkv, beta, g, cache) for qkv, beta, g, cache in
@@ -62,6 +64,13 @@ class GatedDeltaNet(nn.Module):
         o, conv_out, state_out = self._mix(qkv_BC[:, None], beta_BH[:, None], g_BH[:, None], conv_in, state_in)
         for i, cache in enumerate(caches):
             cache.conv[layer], cache.recurrent[layer] = conv_out[i : i + 1], state_out[i : i + 1]
+        return o[:, 0]
+
+    def _paged_step(self, qkv_BC: torch.Tensor, beta_BH: torch.Tensor, g_BH: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """_decode_step with the states gathered from and scattered back to the pool by device slot indices."""
+        conv_in, state_in = batch.paged.states(self.layer_idx)
+        o, conv_out, state_out = self._mix(qkv_BC[:, None], beta_BH[:, None], g_BH[:, None], conv_in, state_in)
+        batch.paged.set_states(self.layer_idx, conv_out, state_out)
         return o[:, 0]
 
     def _sequence(self, qkv_SC: torch.Tensor, beta_SH: torch.Tensor, g_SH: torch.Tensor, cache: StateCache | None) -> torch.Tensor:

@@ -54,6 +54,8 @@ class MLAttention(nn.Module):
         q_THX = self._q(x_TD).view(T, self.heads, self.nope + self.rope_dim)
         c_kv_T, k_rot_T = torch.split(self.kv_a_proj_with_mqa(x_TD), [self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv_T = self.kv_a_layernorm(c_kv_T)[0]
+        if batch.paged is not None:
+            return self.o_proj(self._paged_decode(q_THX, c_kv_T, k_rot_T, cos_sin, batch))
         outs = []
         for q, c_kv, k_rot, cos, sin, cache in zip(*map(batch.split, (q_THX, c_kv_T, k_rot_T, *cos_sin)), batch.caches):
             # one sequence as a batch of one: q [1, H, n, N + R]; latent and rope key as one shared head [1, 1, n, .]
@@ -66,16 +68,29 @@ class MLAttention(nn.Module):
             outs.append(o[0].transpose(0, 1))
         return self.o_proj(torch.cat(outs).reshape(T, -1))
 
-    def _expanded(self, q_nope, q_rot, c_kv, k_rot) -> torch.Tensor:
+    def _paged_decode(self, q_BHX, c_kv_BC, k_rot_BR, cos_sin, batch: ForwardBatch) -> torch.Tensor:
+        """One token per sequence: the B rows as the positions of one rope call (elementwise), the new latent and
+        rope key written to the pool, attention over each sequence's gathered (padded) latent."""
+        B = q_BHX.shape[0]
+        cos, sin = cos_sin[0][None], cos_sin[1][None]
+        q_nope, q_rot = torch.split(q_BHX.transpose(0, 1)[None], [self.nope, self.rope_dim], dim=-1)  # [1, H, B, .]
+        q_rot = self.rope(q_rot, (cos, sin))
+        k_rot = self.rope(k_rot_BR[None, None], (cos, sin))[0, 0]
+        c_all, k_rot_all = batch.paged.append_kv(self.layer_idx, c_kv_BC[:, None].contiguous(), k_rot[:, None].contiguous())
+        q_nope, q_rot = (t[0].transpose(0, 1)[:, :, None] for t in (q_nope, q_rot))  # [B, H, 1, .]
+        attend = self._absorbed if self.nx.absorb else self._expanded
+        return attend(q_nope, q_rot, c_all, k_rot_all, batch.paged.kv_len_B)[:, :, 0].reshape(B, -1)
+
+    def _expanded(self, q_nope, q_rot, c_kv, k_rot, key_lens_B=None) -> torch.Tensor:
         B, _, L, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(B, L, self.heads, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(-1, self.heads, -1, -1)], dim=-1)
-        return self.attn(torch.cat([q_nope, q_rot], dim=-1), k, v)
+        return self.attn(torch.cat([q_nope, q_rot], dim=-1), k, v, key_lens_B)
 
-    def _absorbed(self, q_nope, q_rot, c_kv, k_rot) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_rot, c_kv, k_rot, key_lens_B=None) -> torch.Tensor:
         w_HXC = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk_HNC, w_uv_HVC = w_HXC[:, : self.nope], w_HXC[:, self.nope :]
         q_lat = torch.matmul(q_nope, w_uk_HNC)  # [B, H, S, C], rounded to the model dtype
-        o_lat = self.attn(torch.cat([q_lat, q_rot], dim=-1), torch.cat([c_kv, k_rot], dim=-1), c_kv)
+        o_lat = self.attn(torch.cat([q_lat, q_rot], dim=-1), torch.cat([c_kv, k_rot], dim=-1), c_kv, key_lens_B)
         return torch.matmul(o_lat, w_uv_HVC.transpose(-1, -2))

@@ -1,0 +1,178 @@
+"""Decode steps replayed as CUDA graphs.
+
+A decode step (B running sequences, one new token each) is the same kernels every time up to the batch size and
+how many KV pages the longest sequence has, so it is captured once per (batch bucket, page bucket) on first use
+and replayed afterwards: one launch instead of the thousands of small kernel launches that otherwise bound decode.
+The captured forward reads everything through static device buffers (token ids, positions, each row's new KV
+slot, page table, key count and GDN state slot: layers/cache.PagedDecode), which are refilled before each
+replay. Rows past the live batch are padding: they point at a scratch page and a scratch state slot that the
+engine reserves for them, so they never touch a live sequence; their outputs are dropped.
+
+Numerics: the graph runs the policy's kernels on the same values. Under the invariant GPU preset (rl_parity_gpu:
+Triton kernels whose per-row bits depend on neither the row count nor the key padding) graph decode is bitwise
+eager decode (tests/test_cuda_graph.py). Torch kernels (cuBLAS GEMMs, eager or sdpa attention over padded keys)
+may round differently at the padded shapes, as they already do across batch sizes.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from parityrt.engine.kv_cache import KVPool, StatePool
+from parityrt.layers.cache import ForwardBatch, PagedDecode
+from parityrt.numerics import AttentionImpl, Impl
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+def graph_blockers(module: nn.Module) -> list[str]:
+    """Ops of the module's policy that cannot run inside a CUDA graph (each named once)."""
+    found: dict[str, None] = {}
+    for m in module.modules():
+        op = getattr(m, "numerics_op", None)
+        if op == "experts" and m.nx.impl != Impl.triton:
+            found["experts.impl=torch: the torch expert paths choose the hit experts on the host (a GPU->CPU sync "
+                  "per MoE layer); experts.impl=triton (fused_moe, the same combine semantics) has none"] = None
+        if op == "attention" and m.nx.impl == AttentionImpl.flashinfer:
+            found["attention.impl=flashinfer: no padded-key decode path (attention.impl=triton has one)"] = None
+    return list(found)
+
+
+@dataclass(slots=True)
+class _Graph:
+    graph: torch.cuda.CUDAGraph | None  # None: run the static forward eagerly (use_graphs=False)
+    run: object  # the captured callable, returns logits [B, V]
+    logits: torch.Tensor | None  # the graph's output buffer
+    stores: tuple[int, ...]  # data pointers of the pool stores the graph was captured against
+
+
+class DecodeGraphs:
+    """Static buffers, the scratch page and slot, and the captured graphs of one engine. `use_graphs=False` runs
+    the very same static forward without capturing it (CPU tests of everything but the capture itself)."""
+
+    def __init__(self, kv: KVPool, states: StatePool, max_batch: int, max_seq_len: int, use_graphs: bool = True):
+        if use_graphs and kv.device.type != "cuda":
+            raise ValueError(f"engine.cuda_graph=true needs the model on a CUDA device, it is on {kv.device}")
+        if not kv.free_pages or not states.free_slots:
+            raise RuntimeError("the pools have no page or state slot left for the CUDA-graph padding rows")
+        self.kv, self.states, self.use_graphs = kv, states, use_graphs
+        self.max_batch = max_batch
+        self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+        self.max_pages = kv.pages_for(max_seq_len)
+        self.scratch_page, self.scratch_slot = kv.free_pages.pop(), states.free_slots.pop()
+        dev, B, P = kv.device, max_batch, self.max_pages
+        self.ids = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.kv_slot = torch.zeros(B, dtype=torch.long, device=dev)
+        self.table = torch.zeros(B, P, dtype=torch.long, device=dev)
+        self.kv_len = torch.ones(B, dtype=torch.int32, device=dev)
+        self.state_slot = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.module: nn.Module | None = None
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.route_bufs: list[torch.Tensor] = []
+
+    def bind(self, module: nn.Module) -> None:
+        """Serve `module` (TP = 1) from now on: graphs of a previous one are dropped."""
+        if self.use_graphs and (blockers := graph_blockers(module)):
+            raise ValueError("engine.cuda_graph=true: this numerics policy has ops that cannot be captured:\n  "
+                             + "\n  ".join(blockers))
+        self.module, self.graphs = module, {}
+        self.routers = [m for m in module.modules() if getattr(m, "numerics_op", None) == "router"]
+        self.route_bufs = [torch.zeros(self.max_batch, m.top_k, dtype=torch.long, device=self.kv.device) for m in self.routers]
+
+    def fits(self, batch: list[tuple[object, int]]) -> bool:
+        return 0 < len(batch) <= self.max_batch and all(n == 1 for _, n in batch)
+
+    def run(self, batch: list[tuple[object, int]], want_routes: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits [B, V] of a decode step of the given (sequence, 1) entries, and per router the expert ids
+        [B, K] (on the CPU) when asked. Advances each sequence's cached KV length."""
+        B = len(batch)
+        bucket = next(b for b in self.buckets if b >= B)
+        page = self.kv.page_size
+        need = max(self.kv.pages_for(seq.num_computed + 1) for seq, _ in batch)
+        pages = min(1 << (need - 1).bit_length(), self.max_pages)
+        table = [[self.scratch_page] * pages for _ in range(bucket)]
+        ids, pos, slot, lens, states = [0] * bucket, [0] * bucket, [self.scratch_page * page] * bucket, [1] * bucket, [self.scratch_slot] * bucket
+        for i, (seq, _) in enumerate(batch):
+            p, cache = seq.num_computed, seq.cache
+            ids[i], pos[i], lens[i], states[i] = seq.all_ids[p], p, p + 1, cache.slot
+            slot[i] = cache.pages[p // page] * page + p % page
+            n = min(len(cache.pages), pages)
+            table[i][:n] = cache.pages[:n]
+        self._fill(bucket, pages, ids, pos, slot, table, lens, states)
+        g = self._graph(bucket, pages)
+        if g.graph is not None:
+            g.graph.replay()
+            logits = g.logits
+        else:
+            with self._routes():
+                logits = g.run()
+        for seq, _ in batch:
+            cache = seq.cache
+            for layer in cache.kv_len:
+                cache.kv_len[layer] += 1
+        routes = [buf[:B].cpu() for buf in self.route_bufs] if want_routes else []
+        return logits[:B], routes
+
+    def _fill(self, B, P, ids, pos, slot, table, lens, states) -> None:
+        for buf, values in ((self.ids, ids), (self.pos, pos), (self.kv_slot, slot), (self.kv_len, lens), (self.state_slot, states)):
+            buf[:B].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
+        self.table[:B, :P].copy_(torch.tensor(table, dtype=torch.long), non_blocking=True)
+
+    def _stores(self) -> tuple[int, ...]:
+        pools = (self.kv.k, self.kv.v, self.states.conv, self.states.recurrent)
+        return tuple(t.data_ptr() for store in pools for _, t in sorted(store.items()))
+
+    def _graph(self, B: int, P: int) -> _Graph:
+        stores = self._stores()
+        if any(g.stores != stores for g in self.graphs.values()):
+            self.graphs = {}  # the pools were cleared and reallocated: every graph reads freed memory
+        if (B, P) in self.graphs:
+            return self.graphs[(B, P)]
+        paged = PagedDecode(self.kv.k, self.kv.v, self.states.conv, self.states.recurrent, self.kv.page_size,
+                            self.kv_slot[:B], self.table[:B, :P], self.kv_len[:B], self.state_slot[:B])
+        batch = ForwardBatch([1] * B, [None] * B, paged)
+        module = self.module
+
+        def forward() -> torch.Tensor:
+            return module.compute_logits(module(self.ids[:B], self.pos[:B], batch))
+
+        g = _Graph(None, forward, None, stores)
+        if self.use_graphs:
+            g = self._capture(forward, B, P, stores)
+        self.graphs[(B, P)] = g
+        return g
+
+    def _capture(self, forward, B: int, P: int, stores: tuple[int, ...]) -> _Graph:
+        # Warm-up and capture write K/V and GDN state: point every row at the scratch page and slot meanwhile, and
+        # keep the live rows' metadata to put back afterwards.
+        saved = [t.clone() for t in (self.ids, self.pos, self.kv_slot, self.table, self.kv_len, self.state_slot)]
+        page = self.kv.page_size
+        self._fill(B, P, [0] * B, [0] * B, [self.scratch_page * page] * B, [[self.scratch_page] * P] * B, [1] * B,
+                   [self.scratch_slot] * B)
+        graph = torch.cuda.CUDAGraph()
+        with self._routes():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compiles the Triton kernels and sets up cuBLAS outside the capture
+                forward()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = forward()
+        for buf, old in zip((self.ids, self.pos, self.kv_slot, self.table, self.kv_len, self.state_slot), saved):
+            buf.copy_(old)
+        return _Graph(graph, forward, logits, stores)
+
+    def _routes(self) -> ExitStack:
+        """While open, each router's expert ids are copied into its static buffer (captured into the graph)."""
+        stack = ExitStack()
+        for m, buf in zip(self.routers, self.route_bufs):
+            def keep(_m, _i, out, buf=buf) -> None:  # returns None: the router's output stays as it is
+                buf[: out[1].shape[0]].copy_(out[1])
+            stack.callback(m.register_forward_hook(keep).remove)
+        return stack
