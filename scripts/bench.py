@@ -10,6 +10,10 @@ warm-up of the same shapes. Decode bytes per step = every non-expert weight exce
 are read) + the experts the step's routers hit (counted per layer) + the K/V or latent cache read by attention;
 bandwidth = bytes / step time. transformers: AutoModelForCausalLM on the same checkpoint with its defaults (sdpa
 attention, grouped_mm experts), one forward of the same prompts, logits for the last token only.
+Engine decode (--engine-decode): the same B prompts through the serving engine (paged KV cache, scheduling,
+greedy sampling, logprobs), seconds per decode step, without and with CUDA graphs (engine.cuda_graph; a policy
+whose ops cannot be captured is reported with the reason). A preset may carry knob overrides:
+`engine_fast_gpu+attention.impl=triton` (op.knob=value, comma-separated).
 Writes OUT_DIR/bench.json and OUT_DIR/bench.md (the table docs/benchmarks.md quotes).
 """
 
@@ -24,10 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from parityrt.config import compose_run, load_preset
+from parityrt.config import EngineConfig, compose_run, load_preset
+from parityrt.engine.engine import Engine
+from parityrt.generation import parse_records
 from parityrt.layers.cache import ForwardBatch, StateCache
 from parityrt.layers.moe import Experts
-from parityrt.numerics import apply_process_settings, bind
+from parityrt.numerics import NumericsPolicy, apply_process_settings, bind, with_ops
+from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model
 
 
@@ -80,9 +87,43 @@ def _cache_bytes(caches: list[StateCache]) -> int:
     return total
 
 
+def policy_from_spec(spec: str) -> NumericsPolicy:
+    """`preset` or `preset+op.knob=value,op.knob=value`."""
+    name, _, rest = spec.partition("+")
+    ops: dict[str, dict[str, str]] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        op, dot, knob = key.partition(".")
+        if not (eq and dot):
+            raise ValueError(f"{spec!r}: overrides are op.knob=value, got {item!r}")
+        ops.setdefault(op, {})[knob] = value
+    return with_ops(load_preset(name), **ops) if ops else load_preset(name)
+
+
+def engine_decode(model: nn.Module, B: int, prompt_len: int, steps: int, vocab: int, graphs: bool) -> float:
+    """Seconds per decode step of the serving engine over B sequences of prompt_len tokens (greedy)."""
+    tok = Tokenizer.from_dir()
+    room = prompt_len + steps + 8
+    cfg = EngineConfig(max_seq_len=room, max_total_tokens=B * room + 64, max_running_requests=B,
+                       chunked_prefill_size=max(B * prompt_len, 512), shape_stable_kernels=False,
+                       cuda_graph=graphs, cuda_graph_max_bs=B)
+    engine = Engine(model, tok, model.args.eos_token_id, cfg)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(B):
+        record = {"rid": f"b{i}", "input_ids": torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(),
+                  "sampling_params": {"max_new_tokens": steps + 4, "temperature": 0.0, "ignore_eos": True}}
+        for req in parse_records(record, tok, model.args.vocab_size, room):
+            engine.add(req)
+    while any(s.num_computed < s.prompt_len for s in engine.seqs.values()):
+        engine.step()
+    engine.step()  # the first decode steps capture the graph and compile whatever is left
+    engine.step()
+    return _timed(engine.step, repeat=steps)
+
+
 def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: int, steps: int, vocab: int,
-                 device: str) -> list[dict]:
-    policy = load_preset(preset)
+                 device: str, with_engine: bool = False) -> list[dict]:
+    policy = policy_from_spec(preset)
     apply_process_settings(policy)
     bind(model, policy)
     dense_bytes, routed = _expert_bytes(model)
@@ -122,6 +163,14 @@ def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: 
         rows.append({"preset": preset, "batch": B, "prefill_tok_s": B * prompt_len / t_prefill,
                      "prefill_ms": 1000 * t_prefill, "decode_tok_s": B / t_step, "decode_ms_step": 1000 * t_step,
                      "decode_bytes_step": step_bytes, "decode_GBps": step_bytes / t_step / 1e9})
+        del caches
+        if with_engine:
+            for key, graphs in (("engine", False), ("graph", True)):
+                try:
+                    t = engine_decode(model, B, prompt_len, steps, vocab, graphs)
+                    rows[-1] |= {f"{key}_decode_tok_s": B / t, f"{key}_decode_GBps": step_bytes / t / 1e9}
+                except ValueError as e:  # a policy the graphs cannot capture: reported, not hidden
+                    rows[-1][f"{key}_decode_error"] = str(e)
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -150,15 +199,22 @@ def markdown(report: dict) -> str:
     for name, rows in report["models"].items():
         hf = {r["batch"]: r["prefill_tok_s"] for r in rows if r["preset"] == "transformers"}
         lines += [f"### {name}", "", "| preset | batch | prefill tok/s | x transformers | decode tok/s | ms/step | "
-                  "decode GB/s | % copy BW |", "|---|---|---|---|---|---|---|---|"]
+                  "decode GB/s | % copy BW | engine decode tok/s | graphs tok/s | graphs % copy BW |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        pct = lambda gbps: f"{100 * gbps * 1e9 / report['copy_Bps']:.1f}"
         for r in rows:
             if r["preset"] == "transformers":
-                lines.append(f"| transformers | {r['batch']} | {r['prefill_tok_s']:.0f} | 1.00 | | | | |")
+                lines.append(f"| transformers | {r['batch']} | {r['prefill_tok_s']:.0f} | 1.00 | | | | | | | |")
                 continue
             ratio = f"{r['prefill_tok_s'] / hf[r['batch']]:.2f}" if r["batch"] in hf else "-"
+            eng = f"{r['engine_decode_tok_s']:.1f}" if "engine_decode_tok_s" in r else "-"
+            graph = (f"{r['graph_decode_tok_s']:.1f} | {pct(r['graph_decode_GBps'])}" if "graph_decode_tok_s" in r
+                     else "refused (see below) | -" if "graph_decode_error" in r else "- | -")
             lines.append(f"| {r['preset']} | {r['batch']} | {r['prefill_tok_s']:.0f} | {ratio} | "
                          f"{r['decode_tok_s']:.1f} | {r['decode_ms_step']:.2f} | {r['decode_GBps']:.0f} | "
-                         f"{100 * r['decode_GBps'] * 1e9 / report['copy_Bps']:.1f} |")
+                         f"{pct(r['decode_GBps'])} | {eng} | {graph} |")
+        refusals = {r["preset"]: r["graph_decode_error"] for r in rows if "graph_decode_error" in r}
+        lines += [""] + [f"- {preset}, CUDA graphs: {error}" for preset, error in refusals.items()]
         lines.append("")
     lines += [f"- {where}: not measured: {error}" for where, error in report.get("errors", {}).items()]
     return "\n".join(lines)
@@ -177,6 +233,8 @@ def main() -> None:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (torch kernels only)")
     p.add_argument("--copy-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
+    p.add_argument("--engine-decode", action="store_true",
+                   help="also time decode through the engine, without and with CUDA graphs (CUDA only)")
     args = p.parse_args()
     import transformers
     import triton
@@ -193,7 +251,8 @@ def main() -> None:
         rows = []
         for preset in args.presets:
             try:
-                rows += bench_policy(model, preset, args.batches, args.prompt_len, args.steps, args.vocab, args.device)
+                rows += bench_policy(model, preset, args.batches, args.prompt_len, args.steps, args.vocab, args.device,
+                                     args.engine_decode)
             except RuntimeError as e:  # e.g. a FlashInfer preset without flashinfer-python: reported, not hidden
                 print(json.dumps({"preset": preset, "error": str(e)}), flush=True)
                 report.setdefault("errors", {})[f"{model_name}/{preset}"] = str(e)
