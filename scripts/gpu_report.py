@@ -99,6 +99,56 @@ def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
             "max_abs_dlogprob": (lr - lg).abs().max().item(), "rows_differing": int((r != g).any(-1).sum())}
 
 
+def _token_rows(t: torch.Tensor, T: int) -> torch.Tensor | None:
+    """A module's tensor as [T, -1] rows by token: [T, ...] and [T·k, ...] views, and attention's [1, H, T, D]."""
+    if t.dim() == 4 and t.shape[0] == 1 and t.shape[2] == T:
+        return t[0].transpose(0, 1).reshape(T, -1)
+    return t.reshape(T, -1) if t.numel() % T == 0 and t.shape[0] % T == 0 else None
+
+
+def _record(model, T: int) -> tuple[dict[str, list[torch.Tensor]], list]:
+    """Every module's input and output rows, per call, keyed 'name[call] in|out' in execution order."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    calls: dict[str, int] = {}
+
+    def hook(name):
+        def fn(_m, args, out):
+            n = calls[name] = calls.get(name, -1) + 1
+            for kind, t in (("in", args[0] if args else None), ("out", out[0] if isinstance(out, tuple) else out)):
+                if isinstance(t, torch.Tensor) and (rows := _token_rows(t.detach(), T)) is not None:
+                    seen.setdefault(f"{name}[{n}] {kind}", []).append(rows.float().clone())
+        return fn
+
+    return seen, [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+
+
+def decode_first_difference(model, seq: torch.Tensor) -> str:
+    """One sequence: prefilled whole vs prefilled to half and decoded token by token; the first module input or
+    output (execution order) whose rows of the decoded positions differ."""
+    n, half = len(seq), len(seq) // 2
+    full, handles = _record(model, n)
+    _logits(model, [seq], [0], [None])
+    for h in handles:
+        h.remove()
+    cache = StateCache()
+    _logits(model, [seq[:half]], [0], [cache])
+    steps: dict[str, list[torch.Tensor]] = {}
+    for t in range(half, n):
+        rec, handles = _record(model, 1)
+        _logits(model, [seq[t : t + 1]], [t], [cache])
+        for h in handles:
+            h.remove()
+        for key, rows in rec.items():
+            steps.setdefault(key, []).extend(rows)
+    for key, rows in full.items():
+        if key not in steps or len(steps[key]) != n - half:
+            continue
+        a, b = rows[0][half:], torch.cat(steps[key])
+        if a.shape == b.shape and not torch.equal(a, b):
+            return f"{key}: max|d| {(a - b).abs().max().item():.3g}, {(a != b).float().mean().item():.2%} of elements"
+    return "no module input or output differs"
+
+
 def invariance(name: str, cache_dir: str, presets: list[str], device: str, n_seqs: int = 64, max_len: int = 64,
                vocab: int = 2048) -> dict:
     run = compose_run([f"model={name}", f"model.cache_dir={cache_dir}", f"model.device={device}"])
@@ -128,9 +178,12 @@ def invariance(name: str, cache_dir: str, presets: list[str], device: str, n_seq
                            [caches[i] for i in live])
             for i, r in zip(live, rows):
                 decoded[i].append(r)
+        decode = _compare(alone, [torch.cat(d) for d in decoded])
+        if not decode["logits_bitwise"]:
+            decode["first_difference"] = decode_first_difference(model, max(seqs, key=len))
         out[preset] = {
             **{f"batch{n}_prefill_vs_alone": _compare(alone[:n], rows) for n, rows in batches.items()},
-            "decode_vs_alone_prefill": _compare(alone, [torch.cat(d) for d in decoded]),
+            "decode_vs_alone_prefill": decode,
             "decode_batch_sizes": f"{batch_sizes[0]}..{batch_sizes[-1]} over {len(batch_sizes)} steps",
             "seconds": round(time.perf_counter() - t0, 1),
         }

@@ -265,7 +265,7 @@ def test_cuda_norm_bf16():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("Hq,Hkv,Dqk,Dv", [(16, 2, 128, 128), (8, 8, 192, 128), (8, 2, 256, 256)])
+@pytest.mark.parametrize("Hq,Hkv,Dqk,Dv", [(16, 2, 128, 128), (8, 8, 192, 128), (8, 2, 256, 256), (32, 2, 256, 256)])
 def test_cuda_attention_bf16(Hq, Hkv, Dqk, Dv):
     S, L, split = 200, 333, 64
     q, k, v = _qkv(1, Hq, Hkv, S, L, Dqk, Dv, seed=Dqk + Hq, dtype=torch.bfloat16, device="cuda")
