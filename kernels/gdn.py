@@ -141,17 +141,18 @@ def _l2norm_rows(x):
 
 
 @triton.jit
-def _state_block(s0_ptr, pid_bh, offs_k, offs_v, mk, mv, Dk, Dv, HAS_STATE: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr):
-    """This program's [BK, BV] block of the fp32 state [B·Hv, Dk, Dv]: offsets, mask, initial value (zeros when
-    the sequence starts here)."""
+def _state_block(s0_ptr, pid_bh, offs_k, offs_v, mk, mv, Dk, Dv, BK: tl.constexpr, BV: tl.constexpr):
+    """This program's [BK, BV] block of the fp32 state [B·Hv, Dk, Dv]: offsets, mask, initial value. A sequence
+    that starts here is handed a zero state rather than a constexpr flag: a second binary for the first call would
+    let the compiler contract multiplies and adds into FMAs differently, and the tokens a prefill computes after its
+    first would then not get the bits the same tokens get when decoded (measured on an H100: 1-ulp differences)."""
     st_off = pid_bh.to(tl.int64) * Dk * Dv + offs_k[:, None] * Dv + offs_v[None, :]
     st_mask = mk[:, None] & mv[None, :]
-    if HAS_STATE:
-        state = tl.load(s0_ptr + st_off, mask=st_mask, other=0.0)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
-    return st_off, st_mask, state
+    return st_off, st_mask, tl.load(s0_ptr + st_off, mask=st_mask, other=0.0)
+
+
+def _initial_state(state_BHKV: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return state_BHKV.to(torch.float32).contiguous() if state_BHKV is not None else torch.zeros_like(like)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -160,7 +161,7 @@ def _recurrent_kernel(
     S, Hv, Dk, Dv, groups, scale,
     sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d,
     sg_b, sg_s, sg_h, sb_b, sb_s, sb_h,
-    HAS_STATE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
 ):
     # S is never specialised (not even S == 1): prefill and decode run the same binary, the same op sequence.
     pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
@@ -169,7 +170,7 @@ def _recurrent_kernel(
     offs_k = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mk, mv = offs_k < Dk, offs_v < Dv
-    st_off, st_mask, state = _state_block(s0_ptr, pid_bh, offs_k, offs_v, mk, mv, Dk, Dv, HAS_STATE, BK, BV)
+    st_off, st_mask, state = _state_block(s0_ptr, pid_bh, offs_k, offs_v, mk, mv, Dk, Dv, BK, BV)
     q_base = q_ptr + b.to(tl.int64) * sq_b + hk * sq_h + offs_k * sq_d
     k_base = k_ptr + b.to(tl.int64) * sk_b + hk * sk_h + offs_k * sk_d
     v_base = v_ptr + b.to(tl.int64) * sv_b + h * sv_h + offs_v * sv_d
@@ -209,12 +210,12 @@ def recurrent_gated_delta_rule_triton(
     Hv, Dv = v.shape[2], v.shape[3]
     BK, BV = pow2_at_least(Dk), min(32, pow2_at_least(Dv))
     new_state = torch.empty(B, Hv, Dk, Dv, dtype=torch.float32, device=v.device)
-    s0 = state_BHKV.to(torch.float32).contiguous() if state_BHKV is not None else new_state
+    s0 = _initial_state(state_BHKV, new_state)
     o = torch.empty(B, S, Hv, Dv, dtype=store_dtype(out_dtype, v.device), device=v.device)
     _recurrent_kernel[(B * Hv, triton.cdiv(Dv, BV))](
         q, k, v, g, beta, s0, o, new_state, S, Hv, Dk, Dv, Hv // Hk, Dk ** -0.5,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(),
-        HAS_STATE=state_BHKV is not None, BK=BK, BV=BV, num_warps=4,
+        BK=BK, BV=BV, num_warps=4,
     )
     return finish(o, out_dtype), new_state
 
@@ -290,7 +291,7 @@ def _chunk_scan_kernel(
     q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, o_ptr, s_ptr,
     S, NC, Hv, Dk, Dv, groups, scale,
     sq_b, sq_s, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sg_b, sg_s, sg_h,
-    HAS_STATE: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Per (sequence, value head, BV state columns): walk the chunks in order with the [Dk, BV] fp32 state in
     registers. v_new = u - w S;  o = (exp(gc)·q) S + ((q kᵀ) ∘ exp(gc_i - gc_j))_{j<=i} v_new;
@@ -300,7 +301,7 @@ def _chunk_scan_kernel(
     rows, cols = tl.arange(0, C), tl.arange(0, C)
     offs_k, offs_v = tl.arange(0, BK), pid_v * BV + tl.arange(0, BV)
     mk, mv = offs_k < Dk, offs_v < Dv
-    st_off, st_mask, state = _state_block(s0_ptr, pid_bh, offs_k, offs_v, mk, mv, Dk, Dv, HAS_STATE, BK, BV)
+    st_off, st_mask, state = _state_block(s0_ptr, pid_bh, offs_k, offs_v, mk, mv, Dk, Dv, BK, BV)
     causal = cols[None, :] <= rows[:, None]
     for c in range(NC):
         q, k, gc = _load_chunk(q_ptr, k_ptr, g_ptr, b, h, h // groups, c, S, Dk, scale,
@@ -354,12 +355,12 @@ def chunked_gated_delta_rule_triton(
         C=chunk, LOG2_C=chunk.bit_length() - 1, BK=BK, BDV=BDV, DOT_PREC=prec, num_warps=_PREP_WARPS,
     )
     new_state = torch.empty(B, Hv, Dk, Dv, dtype=torch.float32, device=v.device)
-    s0 = state_BHKV.to(torch.float32).contiguous() if state_BHKV is not None else new_state
+    s0 = _initial_state(state_BHKV, new_state)
     o = torch.empty(B, S, Hv, Dv, dtype=store_dtype(out_dtype, v.device), device=v.device)
     _chunk_scan_kernel[(B * Hv, triton.cdiv(Dv, BV))](
         q, k, g, u, w, s0, o, new_state, S, NC, Hv, Dk, Dv, Hv // Hk, Dk ** -0.5,
         *qk_strides, *g.stride(),
-        HAS_STATE=state_BHKV is not None, C=chunk, BK=BK, BV=BV, DOT_PREC=prec, num_warps=_SCAN_WARPS,
+        C=chunk, BK=BK, BV=BV, DOT_PREC=prec, num_warps=_SCAN_WARPS,
         num_stages=_SCAN_STAGES,
     )
     return finish(o, out_dtype), new_state

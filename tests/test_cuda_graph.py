@@ -19,13 +19,14 @@ from parityrt.weights import build_model
 TOK = Tokenizer.from_dir()
 
 
-def _requests(n: int, new_tokens: int = 6) -> list:
+def _requests(n: int) -> list:
+    """Request i wants 3 + 2i tokens: they finish at different steps and the decode batch shrinks n -> 1."""
     g = torch.Generator().manual_seed(3)
     # prompt lengths around the page size, so that sequences cross pages (and page buckets) while decoding
     prompts = [torch.randint(0, 2040, (3 + 7 * i,), generator=g).tolist() for i in range(n)]
     return [r for i, p in enumerate(prompts) for r in parse_records(
         {"rid": f"r{i}", "input_ids": p, "return_logprob": True, "return_routed_experts": True,
-         "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}, TOK, 2048, 4096)]
+         "sampling_params": {"max_new_tokens": 3 + 2 * i, "temperature": 0.0, "ignore_eos": True}}, TOK, 2048, 4096)]
 
 
 def _outputs(engine: Engine, requests: list) -> list[tuple[list[int], list[float], list]]:
@@ -56,9 +57,6 @@ def test_static_decode_forward_matches_the_engines_decode(cache_dir, name, prese
     bind(model, load_preset(preset))
     cfg = EngineConfig(page_size=4, max_total_tokens=512, max_seq_len=128, shape_stable_kernels=False)
     requests = _requests(5)
-    # finish at different steps: the batch shrinks 5 -> 1 through every bucket
-    for i, r in enumerate(requests):
-        r.sampling.max_new_tokens = 3 + 2 * i
     plain = _outputs(Engine(model, TOK, model.args.eos_token_id, cfg), requests)
     engine = _static_engine(model, cfg)
     static = _outputs(engine, requests)
@@ -81,11 +79,12 @@ def test_graph_decode_is_bitwise_eager_decode_under_rl_parity_gpu(cache_dir, nam
     model, _ = build_model(tiny_model_config(name, cache_dir=str(cache_dir), device="cuda"))
     bind(model, load_preset("rl_parity_gpu"))
     cfg = dict(page_size=4, max_total_tokens=2048, max_seq_len=256, shape_stable_kernels=False)
-    requests = _requests(9, new_tokens=12)
+    requests = _requests(9)
     eager = _outputs(Engine(model, TOK, model.args.eos_token_id, EngineConfig(**cfg)), requests)
     engine = Engine(model, TOK, model.args.eos_token_id, EngineConfig(cuda_graph=True, cuda_graph_max_bs=8, **cfg))
     assert _outputs(engine, requests) == eager
-    assert len(engine.graphs.graphs) >= 3  # several batch and page buckets were captured and replayed
+    assert {b for b, _ in engine.graphs.graphs} == {8, 4, 2, 1}  # 9 sequences run eagerly, 8..1 replay graphs
+    assert {p for _, p in engine.graphs.graphs} == {16, 32}  # the longest sequence crosses 64 tokens (16 pages)
     # a request alone through the graphs: what it got in the batch
     alone = Engine(model, TOK, model.args.eos_token_id, EngineConfig(cuda_graph=True, **cfg))
     assert _outputs(alone, requests[4:5]) == eager[4:5]

@@ -165,6 +165,14 @@ def test_cuda_recurrent_prefill_equals_decode_bitwise():
     o_ref, s_ref = recurrent_gated_delta_rule_ref(q, k, v, g, beta, s0)
     torch.testing.assert_close(o_full.float(), o_ref.float(), **BF16_TOL)
     torch.testing.assert_close(s_full, s_ref, **REC_TOL)
+    # a sequence that starts here (no state): its prefill's later tokens == the same tokens decoded one by one
+    # after a shorter prefill (the model's decode path; once differed by 1 ulp when "no state" was a constexpr)
+    o_full, _ = recurrent_gated_delta_rule_triton(q, k, v, g, beta, None)
+    outs, state = [], None
+    for a, b in ((0, 4), *((t, t + 1) for t in range(4, 10))):
+        o, state = recurrent_gated_delta_rule_triton(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], state)
+        outs.append(o)
+    assert torch.equal(torch.cat(outs, dim=1), o_full)
 
 
 def test_dot_precision_is_validated():
