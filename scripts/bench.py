@@ -256,6 +256,8 @@ def main() -> None:
             except RuntimeError as e:  # e.g. a FlashInfer preset without flashinfer-python: reported, not hidden
                 print(json.dumps({"preset": preset, "error": str(e)}), flush=True)
                 report.setdefault("errors", {})[f"{model_name}/{preset}"] = str(e)
+            report["models"][model_name] = rows  # written after every preset: a cut-short run keeps what it measured
+            (args.out_dir / "bench.json").write_text(json.dumps(report, indent=1))
         del model  # the transformers model takes its memory
         if not args.skip_transformers:
             rows += bench_transformers(ckpt, args.batches, args.prompt_len, args.vocab, args.device)
