@@ -102,7 +102,7 @@ def causal_conv1d_taps(x_BCS: torch.Tensor, w_CK: torch.Tensor, state_BCW: torch
     decoded after its cached inputs may not get the bits it gets inside a prefill; here it always does."""
     C, Kc = w_CK.shape
     S = x_BCS.shape[-1]
-    past = torch.zeros_like(x_BCS[..., : Kc - 1]) if state_BCW is None else state_BCW.to(x_BCS.dtype)
+    past = x_BCS.new_zeros(*x_BCS.shape[:-1], Kc - 1) if state_BCW is None else state_BCW.to(x_BCS.dtype)
     full = torch.cat([past, x_BCS], dim=-1)
     w32 = w_CK.float()
     acc = torch.zeros(*x_BCS.shape[:-1], S, dtype=torch.float32, device=x_BCS.device)

@@ -179,8 +179,9 @@ def invariance(name: str, cache_dir: str, presets: list[str], device: str, n_seq
             for i, r in zip(live, rows):
                 decoded[i].append(r)
         decode = _compare(alone, [torch.cat(d) for d in decoded])
-        if not decode["logits_bitwise"]:
-            decode["first_difference"] = decode_first_difference(model, max(seqs, key=len))
+        differing = [i for i, (a, d) in enumerate(zip(alone, decoded)) if not torch.equal(a, torch.cat(d))]
+        if differing:  # attributed on the first sequence whose decoded rows differ
+            decode["first_difference"] = f"sequence of {lens[differing[0]]} tokens, " + decode_first_difference(model, seqs[differing[0]])
         out[preset] = {
             **{f"batch{n}_prefill_vs_alone": _compare(alone[:n], rows) for n, rows in batches.items()},
             "decode_vs_alone_prefill": decode,

@@ -88,11 +88,15 @@ def test_tap_ordered_conv_is_the_library_conv_and_decodes_bitwise() -> None:
     x32, w32 = torch.randn(2, 6, 20, generator=g), torch.randn(6, 4, generator=g)
     # fp32: the same four products per output, summed in another order at most -> fp32 noise
     assert torch.allclose(causal_conv1d_taps(x32, w32, None)[0], causal_conv1d_ref(x32, w32, None)[0], atol=1e-6)
+    for S in (1, 2, 3):  # prompts shorter than the conv's window: zero left padding, a full-width state
+        y, st = causal_conv1d_taps(x32[..., :S], w32, None)
+        y_ref, st_ref = causal_conv1d_ref(x32[..., :S], w32, None)
+        assert torch.allclose(y, y_ref, atol=1e-6) and torch.equal(st, st_ref), S
     x, w = x32.to(bf16), w32.to(bf16)
     whole, state_whole = causal_conv1d_taps(x, w, None)
-    y1, st = causal_conv1d_taps(x[..., :9], w, None)
+    y1, st = causal_conv1d_taps(x[..., :2], w, None)  # a 2-token prompt, then one token at a time
     parts = [y1]
-    for t in range(9, 20):
+    for t in range(2, 20):
         y, st = causal_conv1d_taps(x[..., t : t + 1], w, st)
         parts.append(y)
     assert torch.equal(torch.cat(parts, -1), whole) and torch.equal(st, state_whole)
