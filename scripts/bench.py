@@ -100,8 +100,9 @@ def policy_from_spec(spec: str) -> NumericsPolicy:
     return with_ops(load_preset(name), **ops) if ops else load_preset(name)
 
 
-def engine_decode(model: nn.Module, B: int, prompt_len: int, steps: int, vocab: int, graphs: bool) -> float:
-    """Seconds per decode step of the serving engine over B sequences of prompt_len tokens (greedy)."""
+def engine_decode_engine(model: nn.Module, B: int, prompt_len: int, steps: int, vocab: int, graphs: bool) -> Engine:
+    """An engine whose B sequences of prompt_len tokens are prefilled and have decoded two steps (graphs captured),
+    with room for `steps` more (greedy)."""
     tok = Tokenizer.from_dir()
     room = prompt_len + steps + 8
     cfg = EngineConfig(max_seq_len=room, max_total_tokens=B * room + 64, max_running_requests=B,
@@ -118,7 +119,12 @@ def engine_decode(model: nn.Module, B: int, prompt_len: int, steps: int, vocab: 
         engine.step()
     engine.step()  # the first decode steps capture the graph and compile whatever is left
     engine.step()
-    return _timed(engine.step, repeat=steps)
+    return engine
+
+
+def engine_decode(model: nn.Module, B: int, prompt_len: int, steps: int, vocab: int, graphs: bool) -> float:
+    """Seconds per decode step of the serving engine over B sequences of prompt_len tokens (greedy)."""
+    return _timed(engine_decode_engine(model, B, prompt_len, steps, vocab, graphs).step, repeat=steps)
 
 
 def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: int, steps: int, vocab: int,
