@@ -215,8 +215,8 @@ def _tile(block_dqk: int, block_dv: int) -> tuple[int, int, int]:
     128 (32/4 heads): prefill 381 (best), decode L 4096 91 (best; 113 with 128x8x3);
     256 (16/2): prefill 384 (334 with 128x8x2), decode L 8192 263 (best; 340 with 128x8x2);
     192/128 (16/16): prefill 111 (97 with 128x8x3), decode L 4096 70 (best; 100 with 128x8x3).
-    128-row tiles with 3 stages do not fit in shared memory at 256. Wider heads (absorbed MLA, 576/512) get one
-    stage and 8 warps so that the tiles fit (not measured)."""
+    128-row tiles with 3 stages do not fit in shared memory at 256. Wider heads (absorbed MLA, 576/512) run only
+    under the interpreter (CPU tests); on a GPU the launcher refuses them."""
     if max(block_dqk, block_dv) <= 256:
         return 64, 4, 3
     return 64, 8, 1
@@ -263,6 +263,11 @@ def attention_split_kv(
         return finish(o, dtype)
     G = Hq // Hkv
     block_dqk, block_dv = pow2_at_least(DQK), pow2_at_least(DV)
+    if q.is_cuda and max(block_dqk, block_dv) > 256:
+        # the K and V blocks of SPLIT keys sit in shared memory: absorbed MLA (576/512, padded to 1024/512) asked
+        # for 320 KiB at split 64 on an H100, which has 227 KiB
+        raise ValueError(f"attention_split_kv: head dims {DQK}/{DV} are wider than the 256 its GPU tiles fit in "
+                         f"shared memory; for absorbed MLA use attention.impl=sdpa or mla.absorb=false")
     block_m, num_warps, num_stages = _tile(block_dqk, block_dv)
     grid = (triton.cdiv(S * G, block_m), B * Hkv)
     _attention_split_kv_kernel[grid](

@@ -65,6 +65,12 @@ def attention(q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, 
     fi = _flashinfer("attention.impl", q_BHSD, k_BHLD, v_BHLD)
     if q_BHSD.shape[0] != 1:
         raise ValueError(f"attention.impl=flashinfer takes one sequence per call (got batch {q_BHSD.shape[0]})")
+    dqk, dv = q_BHSD.shape[-1], v_BHLD.shape[-1]
+    if dqk != dv or dqk not in (64, 128, 256):
+        # seen on an H100 with flashinfer 0.5.3: absorbed MLA (576/512) fails in the JIT build of single_prefill
+        raise ValueError(f"attention.impl=flashinfer: FlashInfer's single prefill/decode kernels take equal q·k and v "
+                         f"head dims of 64, 128 or 256, got {dqk}/{dv} (absorbed MLA needs its MLA kernels, not wired "
+                         f"here): use attention.impl=sdpa, or mla.absorb=false")
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q_BHSD, k_BHLD, v_BHLD))  # [n, heads, D]
     if q.shape[0] == 1:
         o = fi.single_decode_with_kv_cache(q[0], k, v, sm_scale=scale)[None]

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from parityrt.distributed import get_tp
 from parityrt.layers.linear import PartsLoader, make_param, matmul
-from parityrt.numerics import LmHeadNumerics, LogprobFormula, LogprobNumerics, Precision
+from parityrt.numerics import Impl, LmHeadNumerics, LogprobFormula, LogprobNumerics, Precision
 
 
 class Embedding(nn.Module):
@@ -55,7 +55,14 @@ class LMHead(nn.Module):
         self.nx = LmHeadNumerics()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = matmul(h, self.weight, self.nx.impl, torch.float32 if self.nx.dtype == Precision.fp32 else None)
+        fp32 = self.nx.dtype == Precision.fp32
+        if fp32 and self.nx.impl == Impl.torch and h.is_cuda and h.dim() == 2 and h.dtype == self.weight.dtype == torch.bfloat16:
+            # bf16·bf16 products are exact in fp32, so cuBLAS's bf16 GEMM with fp32 accumulation and fp32 output is
+            # the fp32 GEMM's math (another summation order) without upcasting the vocab matrix every step: that
+            # copy (2 GB read, 4 GB written at Qwen3.5's vocab) was half of engine_fast's batch-1 decode step
+            logits = torch.mm(h, self.weight.t(), out_dtype=torch.float32)
+        else:
+            logits = matmul(h, self.weight, self.nx.impl, torch.float32 if fp32 else None)
         tp = self.tp
         if tp.local_parts == 1:
             return logits
