@@ -116,14 +116,24 @@ class ModelRunner:
         if samplers:
             seqs = [s for s, _, _ in samplers]
             rows_BV = torch.stack([row for _, row, _ in samplers])
-            tokens = self.module.sampler(rows_BV, sampling_tensors(seqs, self.vocab, self.eos, self.device)).tolist()
-            for (seq, row, res), token in zip(samplers, tokens):
+            tokens_B = self.module.sampler(rows_BV, sampling_tensors(seqs, self.vocab, self.eos, self.device))
+            # the sampled tokens' logprobs: one log_softmax per temperature over its rows and one copy to the host,
+            # not one per row (log_softmax computes each row on its own: the same bits either way)
+            temps = [s.req.sampling.temperature for s in seqs]
+            for temp in dict.fromkeys(temps):
+                idx = [i for i, t in enumerate(temps) if t == temp]
+                lp_BV = self.model.logprobs(rows_BV[idx], temp)
+                chosen = lp_BV.gather(1, tokens_B[idx, None])[:, 0].tolist()
+                for j, i in enumerate(idx):
+                    seq, _, res = samplers[i]
+                    res.token_lp = self._lp_entry(lp_BV[j], None, seq, chosen[j])
+            for (_, _, res), token in zip(samplers, tokens_B.tolist()):
                 res.token = token
-                res.token_lp = self._lp_entry(self.model.logprobs(row, seq.req.sampling.temperature), token, seq)
         return results
 
     @staticmethod
-    def _lp_entry(lp_V: torch.Tensor, token: int, seq: Sequence) -> tuple[float, TopList | None, TopList | None]:
+    def _lp_entry(lp_V: torch.Tensor, token: int | None, seq: Sequence,
+                  token_lp: float | None = None) -> tuple[float, TopList | None, TopList | None]:
         top = None
         if seq.req.top_logprobs_num:
             values, ids = torch.topk(lp_V, seq.req.top_logprobs_num)
@@ -131,7 +141,7 @@ class ModelRunner:
         chosen = None
         if seq.req.token_ids_logprob is not None:
             chosen = [(float(lp_V[t]), t) for t in seq.req.token_ids_logprob]
-        return float(lp_V[token]), top, chosen
+        return float(lp_V[token]) if token_lp is None else token_lp, top, chosen
 
     @contextmanager
     def _stable_attention(self) -> Iterator[None]:
