@@ -220,9 +220,11 @@ def markdown(report: dict) -> str:
                          f"{r['decode_tok_s']:.1f} | {r['decode_ms_step']:.2f} | {r['decode_GBps']:.0f} | "
                          f"{pct(r['decode_GBps'])} | {eng} | {graph} |")
         refusals = {r["preset"]: r["graph_decode_error"] for r in rows if "graph_decode_error" in r}
-        lines += [""] + [f"- {preset}, CUDA graphs: {error}" for preset, error in refusals.items()]
+        lines += [""] + [f"- {preset}, CUDA graphs: {' '.join(error.split())}" for preset, error in refusals.items()]
         lines.append("")
-    lines += [f"- {where}: not measured: {error}" for where, error in report.get("errors", {}).items()]
+    # the first line of each error (a failed FlashInfer JIT build prints its whole ninja log)
+    lines += [f"- {where}: not measured: {error.splitlines()[0][:300] if error else ''}"
+              for where, error in report.get("errors", {}).items()]
     return "\n".join(lines)
 
 
