@@ -1,6 +1,7 @@
 """Decode steps as CUDA graphs (parityrt/engine/cuda_graph.py). On the CPU: the static decode forward the graphs
 capture (device-addressed KV pages and GDN state slots, padded batch rows), run eagerly, against the engine's
-ordinary decode. On a GPU: graphs captured and replayed, bitwise against eager decode under rl_parity_gpu."""
+ordinary decode. On a GPU: graphs captured and replayed, bitwise against eager decode under rl_parity_gpu, which
+also checks the engine's batch invariance on the Triton kernels (a request alone == in a batch of nine)."""
 
 from __future__ import annotations
 

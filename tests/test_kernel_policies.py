@@ -11,13 +11,10 @@ import torch
 
 import kernels._triton
 from hf_reference import model_logits, tiny_model_config
-from parityrt.config import EngineConfig, load_preset
-from parityrt.engine.engine import Engine
-from parityrt.generation import parse_records
+from parityrt.config import load_preset
 from parityrt.layers.cache import StateCache
 from parityrt.numerics import bind, with_ops
 from parityrt.runtime import check_kernels
-from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model
 
 
@@ -93,25 +90,3 @@ def test_rl_parity_gpu_kernels_compute_what_the_torch_ops_compute(cache_dir, nam
     reference = model_logits(model, ids)
     bind(model, load_preset("rl_parity_gpu"))
     assert (model_logits(model, ids) - reference).abs().max().item() < 5e-5
-
-
-def test_engine_serves_rl_parity_gpu_batch_invariantly(cache_dir) -> None:
-    """Through the engine (paged KV cache, continuous batching, seeded sampling) on the kernels: a request's ids
-    and logprobs are the same alone and batched. No shape-stable padding: that is a CPU-torch workaround, the
-    kernels are batch-invariant by construction."""
-    tok = Tokenizer.from_dir()
-    model, _ = build_model(tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir)))
-    bind(model, load_preset("rl_parity_gpu"))
-    gen = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 2040, (n,), generator=gen).tolist() for n in (3, 6)]
-    requests = [r for i, p in enumerate(prompts) for r in parse_records(
-        {"rid": f"r{i}", "input_ids": p, "return_logprob": True,
-         "sampling_params": {"max_new_tokens": 2, "temperature": 0.8, "ignore_eos": True, "sampling_seed": i}},
-        tok, 2048, 4096)]
-
-    def outputs(reqs):
-        engine = Engine(model, tok, model.args.eos_token_id, EngineConfig(shape_stable_kernels=False))
-        return [(s.output_ids, engine.response(s)["meta_info"]["output_token_logprobs"]) for s in engine.generate(reqs)]
-
-    together = outputs(requests)
-    assert [outputs([r])[0] for r in requests] == together
