@@ -169,7 +169,7 @@ def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: 
         rows.append({"preset": preset, "batch": B, "prefill_tok_s": B * prompt_len / t_prefill,
                      "prefill_ms": 1000 * t_prefill, "decode_tok_s": B / t_step, "decode_ms_step": 1000 * t_step,
                      "decode_bytes_step": step_bytes, "decode_GBps": step_bytes / t_step / 1e9})
-        del caches
+        caches.clear()  # frees the K/V before the engine runs allocate their pools
         if with_engine:
             for key, graphs in (("engine", False), ("graph", True)):
                 try:
