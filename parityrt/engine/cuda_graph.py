@@ -74,6 +74,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.module: nn.Module | None = None
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.routers: list[nn.Module] = []
         self.route_bufs: list[torch.Tensor] = []
 
     def bind(self, module: nn.Module) -> None:
