@@ -16,6 +16,7 @@ may round differently at the padded shapes, as they already do across batch size
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ def graph_blockers(module: nn.Module) -> list[str]:
 @dataclass(slots=True)
 class _Graph:
     graph: torch.cuda.CUDAGraph | None  # None: run the static forward eagerly (use_graphs=False)
-    run: object  # the captured callable, returns logits [B, V]
+    run: Callable[[], torch.Tensor]  # the captured forward: logits [B, V]
     logits: torch.Tensor | None  # the graph's output buffer
     stores: tuple[int, ...]  # data pointers of the pool stores the graph was captured against
 
@@ -94,19 +95,10 @@ class DecodeGraphs:
         [B, K] (on the CPU) when asked. Advances each sequence's cached KV length."""
         B = len(batch)
         bucket = next(b for b in self.buckets if b >= B)
-        page = self.kv.page_size
         need = max(self.kv.pages_for(seq.num_computed + 1) for seq, _ in batch)
         pages = min(1 << (need - 1).bit_length(), self.max_pages)
-        table = [[self.scratch_page] * pages for _ in range(bucket)]
-        ids, pos, slot, lens, states = [0] * bucket, [0] * bucket, [self.scratch_page * page] * bucket, [1] * bucket, [self.scratch_slot] * bucket
-        for i, (seq, _) in enumerate(batch):
-            p, cache = seq.num_computed, seq.cache
-            ids[i], pos[i], lens[i], states[i] = seq.all_ids[p], p, p + 1, cache.slot
-            slot[i] = cache.pages[p // page] * page + p % page
-            n = min(len(cache.pages), pages)
-            table[i][:n] = cache.pages[:n]
-        self._fill(bucket, pages, ids, pos, slot, table, lens, states)
-        g = self._graph(bucket, pages)
+        g = self._graph(bucket, pages)  # a capture on first use runs on scratch rows, before the live ones are filled
+        self._fill(batch, bucket, pages)
         if g.graph is not None:
             g.graph.replay()
             logits = g.logits
@@ -120,7 +112,19 @@ class DecodeGraphs:
         routes = [buf[:B].cpu() for buf in self.route_bufs] if want_routes else []
         return logits[:B], routes
 
-    def _fill(self, B, P, ids, pos, slot, table, lens, states) -> None:
+    def _fill(self, batch: list[tuple[object, int]], B: int, P: int) -> None:
+        """Point the first B rows of the static buffers (P pages each) at the batch's sequences; rows past them
+        at the scratch page and state slot."""
+        page = self.kv.page_size
+        ids, pos, lens = [0] * B, [0] * B, [1] * B
+        slot, states = [self.scratch_page * page] * B, [self.scratch_slot] * B
+        table = [[self.scratch_page] * P for _ in range(B)]
+        for i, (seq, _) in enumerate(batch):
+            p, cache = seq.num_computed, seq.cache
+            ids[i], pos[i], lens[i], states[i] = seq.all_ids[p], p, p + 1, cache.slot
+            slot[i] = cache.pages[p // page] * page + p % page
+            n = min(len(cache.pages), P)
+            table[i][:n] = cache.pages[:n]
         for buf, values in ((self.ids, ids), (self.pos, pos), (self.kv_slot, slot), (self.kv_len, lens), (self.state_slot, states)):
             buf[:B].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
         self.table[:B, :P].copy_(torch.tensor(table, dtype=torch.long), non_blocking=True)
@@ -150,12 +154,8 @@ class DecodeGraphs:
         return g
 
     def _capture(self, forward, B: int, P: int, stores: tuple[int, ...]) -> _Graph:
-        # Warm-up and capture write K/V and GDN state: point every row at the scratch page and slot meanwhile, and
-        # keep the live rows' metadata to put back afterwards.
-        saved = [t.clone() for t in (self.ids, self.pos, self.kv_slot, self.table, self.kv_len, self.state_slot)]
-        page = self.kv.page_size
-        self._fill(B, P, [0] * B, [0] * B, [self.scratch_page * page] * B, [[self.scratch_page] * P] * B, [1] * B,
-                   [self.scratch_slot] * B)
+        # warm-up and capture write K/V and GDN state: every row points at the scratch page and slot meanwhile
+        self._fill([], B, P)
         graph = torch.cuda.CUDAGraph()
         with self._routes():
             side = torch.cuda.Stream()
@@ -165,8 +165,6 @@ class DecodeGraphs:
             torch.cuda.current_stream().wait_stream(side)
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = forward()
-        for buf, old in zip((self.ids, self.pos, self.kv_slot, self.table, self.kv_len, self.state_slot), saved):
-            buf.copy_(old)
         return _Graph(graph, forward, logits, stores)
 
     def _routes(self) -> ExitStack:

@@ -105,7 +105,8 @@ class ModelRunner:
                 if seq.req.keep_logits:
                     res.logits[p] = row.float().clone()
                 if p + 1 < seq.prompt_len and seq.req.return_logprob:
-                    res.input_lp[p + 1] = self._lp_entry(self.model.logprobs(row, temp), seq.all_ids[p + 1], seq)
+                    lp_V = self.model.logprobs(row, temp)
+                    res.input_lp[p + 1] = self._lp_entry(lp_V, float(lp_V[seq.all_ids[p + 1]]), seq)
                 if samples(seq, p):
                     samplers.append((seq, row, res))
             for layer_ids in routes:
@@ -126,14 +127,13 @@ class ModelRunner:
                 chosen = lp_BV.gather(1, tokens_B[idx, None])[:, 0].tolist()
                 for j, i in enumerate(idx):
                     seq, _, res = samplers[i]
-                    res.token_lp = self._lp_entry(lp_BV[j], None, seq, chosen[j])
+                    res.token_lp = self._lp_entry(lp_BV[j], chosen[j], seq)
             for (_, _, res), token in zip(samplers, tokens_B.tolist()):
                 res.token = token
         return results
 
     @staticmethod
-    def _lp_entry(lp_V: torch.Tensor, token: int | None, seq: Sequence,
-                  token_lp: float | None = None) -> tuple[float, TopList | None, TopList | None]:
+    def _lp_entry(lp_V: torch.Tensor, token_lp: float, seq: Sequence) -> tuple[float, TopList | None, TopList | None]:
         top = None
         if seq.req.top_logprobs_num:
             values, ids = torch.topk(lp_V, seq.req.top_logprobs_num)
@@ -141,7 +141,7 @@ class ModelRunner:
         chosen = None
         if seq.req.token_ids_logprob is not None:
             chosen = [(float(lp_V[t]), t) for t in seq.req.token_ids_logprob]
-        return float(lp_V[token]) if token_lp is None else token_lp, top, chosen
+        return token_lp, top, chosen
 
     @contextmanager
     def _stable_attention(self) -> Iterator[None]:
