@@ -78,6 +78,18 @@ def _pid_mn(M_BLOCKS, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _expert_block(rows_ptr, block_expert_ptr, pid_m, pid_n, S, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A program's block of sorted rows (all one expert's) and output columns: padded-row offsets, their (token,
+    slot) rows (S marks padding), which are real, the expert, the columns, and the columns as weight rows (tail
+    columns wrap to a valid row and are not stored: no mask in the K loop)."""
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(rows_ptr + offs_p)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_p, rows, rows < S, e, offs_n, offs_n % N
+
+
+@triton.jit
 def _load_w_KN(w_ptr, s_ptr, k0, K, offs_n, stride_wn, stride_sn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                INT4: tl.constexpr, GROUP: tl.constexpr, ROUND_W: tl.constexpr, BF16_MMA: tl.constexpr,
                NATIVE: tl.constexpr):
@@ -123,13 +135,9 @@ def _gate_up_kernel(
     pid_m, pid_n = _pid_mn(M_BLOCKS, I, BLOCK_N, GROUP_M)
     if pid_m >= tl.load(n_blocks_ptr):
         return
-    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(rows_ptr + offs_p)  # (token, slot) row, S for padding
-    valid = rows < S
+    offs_p, rows, valid, e, offs_n, offs_nw = _expert_block(rows_ptr, block_expert_ptr, pid_m, pid_n, S, I, BLOCK_M,
+                                                             BLOCK_N)
     tok = tl.where(valid, rows // TOPK, 0)  # padding rows compute token 0's row and are not stored
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_nw = offs_n % I  # tail columns load a valid row and are not stored: no mask in the K loop
     wg_ptr = w_ptr + e * stride_we  # gate rows [0, I), up rows [I, 2I)
     wu_ptr = wg_ptr + I * stride_wn
     sg_ptr = s_ptr + e * stride_se
@@ -182,12 +190,8 @@ def _down_kernel(
     pid_m, pid_n = _pid_mn(M_BLOCKS, H, BLOCK_N, GROUP_M)
     if pid_m >= tl.load(n_blocks_ptr):
         return
-    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(rows_ptr + offs_p)
-    valid = rows < S
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_nw = offs_n % H
+    offs_p, rows, valid, e, offs_n, offs_nw = _expert_block(rows_ptr, block_expert_ptr, pid_m, pid_n, S, H, BLOCK_M,
+                                                             BLOCK_N)
     wd_ptr = w_ptr + e * stride_we
     sd_ptr = s_ptr + e * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
