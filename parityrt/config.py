@@ -71,6 +71,12 @@ class ServerConfig:
     served_model_name: str | None = None  # null: the checkpoint path, as SGLang does
     weight_version: str = "default"
     log_level: str = "warning"
+    # Caps on the work one request can ask for (SGLang has none; each refusal is a 400 with SGLang's error body,
+    # docs/server.md). Without them an 80-byte body with n=20000 held the engine for minutes.
+    max_n: int = 64  # samples per prompt (sampling_params.n)
+    max_batch: int = 256  # prompts per request (a text or input_ids list)
+    max_body_bytes: int = 64 * 1024 * 1024  # request body; larger ones get 413 before they are read
+    max_top_logprobs: int = 64  # top_logprobs_num and len(token_ids_logprob): streamed chunks repeat them all
 
 
 @dataclass(slots=True, kw_only=True)

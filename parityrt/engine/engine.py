@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 
 from parityrt.config import EngineConfig
 from parityrt.engine.cuda_graph import DecodeGraphs
-from parityrt.engine.kv_cache import KVPool, StatePool
+from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
 from parityrt.engine.model_runner import ModelRunner, SeqResult, inner_module
 from parityrt.engine.output import response, stop_string
 from parityrt.engine.request import GenerateRequest
@@ -17,6 +18,8 @@ from parityrt.engine.sampler import DEFAULT_SEED
 from parityrt.engine.scheduler import Scheduler, Sequence, Status
 from parityrt.numerics import GdnAlgo, SamplingMethod
 from parityrt.tokenizer import Tokenizer
+
+log = logging.getLogger("parityrt.engine")
 
 
 class Engine:
@@ -37,6 +40,9 @@ class Engine:
                 raise ValueError("engine.cuda_graph=true runs on one GPU (TP = 1); set engine.cuda_graph=false for TP > 1")
             self.graphs = DecodeGraphs(self.kv, self.states, min(cfg.cuda_graph_max_bs, cfg.max_running_requests), cfg.max_seq_len)
         self.seqs: dict[str, Sequence] = {}
+        # SGLang's weight-version events: rid -> [(old version, output tokens made under it)], one entry per
+        # version change the request lived through with tokens already out; read by response() (weight_versions)
+        self.version_events: dict[str, list[tuple[str, int]]] = {}
         self.scheduler = Scheduler(self.kv, self.states, cfg.max_running_requests, cfg.chunked_prefill_size,
                                    chunk_alignment(inner_module(model)))
         self.set_model(model, weight_version)
@@ -48,13 +54,25 @@ class Engine:
             self.scheduler.preempt(seq)
         self.kv.clear()
         self.states.clear()
-        self.model, self.weight_version = model, weight_version
+        self.model = model
+        self.set_weight_version(weight_version)
         module = inner_module(model)
         self.gumbel = module.sampler.nx.method == SamplingMethod.gumbel
         stable = self.cfg.shape_stable_kernels if self.cfg.shape_stable_kernels is not None else self.gumbel
         if self.graphs is not None:
             self.graphs.bind(module)
         self.runner = ModelRunner(model, stable, sorted(self.eos), self.graphs)
+
+    def set_weight_version(self, version: str) -> None:
+        """As SGLang's record_weight_version_change: every live request with tokens out records the old version
+        and how many tokens it made under it, so its final response reports the spans (weight_versions)."""
+        if version == getattr(self, "weight_version", None):
+            return
+        old = getattr(self, "weight_version", version)
+        for seq in self.seqs.values():
+            if seq.output_ids:
+                self.version_events.setdefault(seq.req.rid, []).append((old, len(seq.output_ids)))
+        self.weight_version = version
 
     def add(self, req: GenerateRequest) -> Sequence:
         if req.rid in self.seqs:
@@ -71,6 +89,7 @@ class Engine:
         if not self.gumbel:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         self.seqs[req.rid] = seq
+        self.version_events.pop(req.rid, None)  # a finished request's rid taken again
         self.scheduler.add(seq)
         return seq
 
@@ -82,8 +101,50 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        results = self.runner.run(batch)
+        rng = [(s.generator, s.generator.get_state()) for s, _ in batch if s.generator is not None]
+        try:
+            results = self.runner.run(batch)
+        except Exception as exc:  # noqa: BLE001 - whatever one request's values make a kernel raise
+            for gen, state in rng:  # the failed step may have drawn from some generators: undo it
+                gen.set_state(state)
+            return self._isolate(batch, exc)
         return [seq for (seq, n), res in zip(batch, results) if self._postprocess(seq, n, res)]
+
+    def _isolate(self, batch: list[tuple[Sequence, int]], exc: Exception) -> list[Sequence]:
+        """A step raised: find the sequences that raise alone and end only those (abort, status 400); the others
+        are recomputed from their tokens, which under the invariant presets gives the same bits as if the step
+        had not failed. The forward may have written the batch's KV and GDN state before raising, so every
+        sequence of the batch is preempted first (its state is rebuilt from its tokens when it runs again)."""
+        log.warning("engine step failed (%s: %s); rerunning its %d sequences one at a time", type(exc).__name__,
+                    exc, len(batch))
+        upto = [seq.num_computed + n for seq, n in batch]
+        for seq, _ in reversed(batch):  # appendleft in reverse: the queue keeps the batch's order
+            self.scheduler.preempt(seq)
+        culprits = [(seq, err) for (seq, _), end in zip(batch, upto) if (err := self._trial(seq, end)) is not None]
+        if not culprits:  # fails only together: nothing to single out, so the whole batch ends
+            culprits = [(seq, exc) for seq, _ in batch]
+        for seq, err in culprits:
+            message = f"The request failed in the engine ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})"
+            self._finish(seq, {"type": "abort", "message": message, "status_code": 400, "err_type": "BadRequestError"})
+        return [seq for seq, _ in culprits]
+
+    def _trial(self, seq: Sequence, end: int) -> Exception | None:
+        """Run the failed step's work for one (preempted) sequence alone: its first `end` tokens in one forward, on
+        a scratch cache; the result is dropped, the generator rewound. The exception it raises, if any."""
+        rng = seq.generator.get_state() if seq.generator is not None else None
+        seq.cache = PagedCache(self.kv, self.states)
+        try:
+            if not seq.cache.reserve(end):
+                return None  # no room to check it alone: not singled out
+            self.runner.run([(seq, end)])
+            return None
+        except Exception as err:  # noqa: BLE001
+            return err
+        finally:
+            seq.cache.free()
+            seq.cache = None
+            if rng is not None:
+                seq.generator.set_state(rng)
 
     def _postprocess(self, seq: Sequence, n: int, res: SeqResult) -> bool:
         seq.num_computed += n
@@ -120,13 +181,35 @@ class Engine:
 
     def abort(self, rid: str | None = None) -> list[Sequence]:
         """Abort one request (rid) or all of them (None); they finish with SGLang's abort reason."""
-        targets = list(self.seqs.values()) if rid is None else [s for s in [self.seqs.get(rid)] if s is not None]
+        return self.abort_many(None if rid is None else [rid])
+
+    def abort_many(self, rids: list[str] | None) -> list[Sequence]:
+        """Abort the given requests (None: all) in O(requests): the waiting queue is filtered once, not searched
+        per sequence (Scheduler.finish's `seq in waiting` made aborting 50,000 samples take minutes)."""
+        targets = list(self.seqs.values()) if rids is None else [s for r in dict.fromkeys(rids) if (s := self.seqs.get(r))]
+        if not targets:
+            return []
+        gone = set(targets)  # Sequence has eq=False: identity hashing
+        kept = [s for s in self.scheduler.waiting if s not in gone]
+        self.scheduler.waiting.clear()
+        self.scheduler.waiting.extend(kept)
         for seq in targets:
             self._finish(seq, {"type": "abort", "message": "Abort request", "status_code": None, "err_type": None})
         return targets
 
     def response(self, seq: Sequence) -> dict[str, Any]:
-        return response(seq, self.tokenizer, seq.weight_version if seq.status is Status.finished else self.weight_version)
+        if seq.status is not Status.finished:
+            return response(seq, self.tokenizer, self.weight_version)
+        # SGLang 0.5.23 (utils/weight_versions.py): a finished request reports the spans of its output tokens per
+        # weight version, and weight_version is the last span's (the version at finish when it made a token then)
+        spans = weight_version_spans(self.version_events.get(seq.req.rid, []), seq.weight_version, len(seq.output_ids))
+        out = response(seq, self.tokenizer, spans[-1]["version"])
+        out["meta_info"]["weight_versions"] = spans
+        return out
+
+    def forget(self, rid: str) -> None:
+        """The finished request's response went out: drop its weight-version events."""
+        self.version_events.pop(rid, None)
 
     def generate(self, requests: list[GenerateRequest]) -> list[Sequence]:
         """Offline: run every request to the end with continuous batching; sequences in request order."""
@@ -134,6 +217,21 @@ class Engine:
         while self.has_work():
             self.step()
         return seqs
+
+
+def weight_version_spans(events: list[tuple[str, int]], current: str, num_tokens: int) -> list[dict[str, Any]]:
+    """SGLang's compute_weight_version_spans + add_weight_versions_to_meta_info: [{version, start, end}] over the
+    output tokens, merging equal neighbours; a version under which no token was made shows only at start 0."""
+    spans: list[dict[str, Any]] = []
+    for version, end in [*events, (current, num_tokens)]:
+        end = min(end, num_tokens)
+        if spans and end <= spans[-1]["end"]:
+            continue
+        if spans and version == spans[-1]["version"]:
+            spans[-1]["end"] = end
+            continue
+        spans.append({"version": version, "start": spans[-1]["end"] if spans else 0, "end": end})
+    return [s for s in spans if s["start"] < num_tokens or s["start"] == 0]
 
 
 def chunk_alignment(module: torch.nn.Module) -> int:

@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import base64
-import re
 import time
 from typing import Any
 
 import numpy as np
 
+from parityrt.engine.request import compile_stop_regex
 from parityrt.engine.scheduler import Sequence, Status
 from parityrt.tokenizer import Tokenizer
 
 
 def stop_string(seq: Sequence, tokenizer: Tokenizer) -> str | None:
-    """The stop string or regex match in the text generated so far (the tail that can contain a new match)."""
+    """The stop string or regex match in the text generated so far, checked after every new token.
+
+    Stop strings: a match not found at the previous token must end in the newest one, so only the last tokens are
+    decoded: every token adds at least one byte, so a stop of b bytes spans at most b tokens, plus 3 for a
+    character whose first bytes fall before the window (special tokens skipped in between are the one blind spot,
+    as in SGLang's tail_str). Regexes: a match can be arbitrarily long and anchors (^, \\b) see the text's start,
+    so they search the whole output, with RE2 (linear time in the text: at most max_seq_len work per token)."""
     sp = seq.req.sampling
     if not (sp.stop or sp.stop_regex):
         return None
-    text = tokenizer.decode(seq.output_ids, skip_special_tokens=sp.skip_special_tokens)
-    if (s := next((s for s in sp.stop if s in text), None)) is not None:
-        return s
-    return next((m.group(0) for pattern in sp.stop_regex if (m := re.search(pattern, text))), None)
+    skip = sp.skip_special_tokens
+    if sp.stop:
+        window = max(len(s.encode("utf-8")) for s in sp.stop) + 3
+        tail = tokenizer.decode(seq.output_ids[-window:], skip_special_tokens=skip)
+        if (s := next((s for s in sp.stop if s in tail), None)) is not None:
+            return s
+    if not sp.stop_regex:
+        return None
+    text = tokenizer.decode(seq.output_ids, skip_special_tokens=skip)
+    return next((m.group(0) for p in sp.stop_regex if (m := compile_stop_regex(p).search(text))), None)
 
 
 def output_text(seq: Sequence, tokenizer: Tokenizer) -> str:

@@ -6,11 +6,13 @@ ContractError carries serde's wording (the server answers {"error": "<text>"}), 
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+import re2
 
 from parityrt.tokenizer import Tokenizer
 
@@ -34,6 +36,54 @@ _SAMPLING_TYPES = {
 
 class ContractError(ValueError):
     """The body violates SGLang's JSON contract (api/v1/api_types.py)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    """The server's caps on one request's work (config.ServerConfig); None: uncapped (offline runs)."""
+
+    max_n: int | None = None
+    max_batch: int | None = None
+    max_top_logprobs: int | None = None
+
+
+# Bounds of the sampling values SGLang accepts but whose fp32 arithmetic would overflow to inf/NaN in the sampler
+# (which then raises, or under Gumbel-max silently picks token 0). SGLang bounds none of these; OpenAI bounds
+# logit_bias to [-100, 100]. With |logit| + |bias| <= ~1e6 divided by temperature >= 1e-6, nothing leaves fp32.
+MAX_LOGIT_BIAS = 1e6
+MIN_REPETITION_PENALTY = 1e-6  # logits are divided by it: 1e-300 is 0 in fp32, and x / 0 is inf
+MAX_TEMPERATURE = 1e6  # 1e308 is inf in fp32: -inf (a blocked token) / inf is NaN
+MAX_STOP_REGEX_LEN = 256  # bytes, SGLang's MAX_STOP_REGEX_LEN
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the client's 400, not a line on the server's stderr
+
+
+@functools.lru_cache(maxsize=1024)
+def compile_stop_regex(pattern: str) -> re2._Regexp:
+    """RE2 (linear time: no catastrophic backtracking, "(.*)*Z" is as cheap as "Z"); memory-bounded by RE2's
+    default max_mem. Raises re2.error for what RE2 cannot take (backreferences, lookaround) or too large a program."""
+    return re2.compile(pattern, options=_RE2_OPTIONS)
+
+
+def has_lone_surrogate(obj: Any) -> bool:
+    """Whether any string in a parsed JSON value holds a lone UTF-16 surrogate ("\\ud800" is valid JSON but no
+    UTF-8 text: the tokenizer and the response encoder raise on it). Iterative: JSON nesting can be deep."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 @dataclass(slots=True, kw_only=True)
@@ -137,6 +187,8 @@ def _check_sampling(sp: Any) -> None:
         if key not in SAMPLING_FIELDS:
             listed = ", ".join(f"`{f}`" for f in SAMPLING_FIELDS)
             raise ContractError(f"unknown field `{key}`, expected one of {listed}")
+        if key == "watermark" and v is not None and not isinstance(v, dict):
+            raise ContractError(f"invalid type: {_unexpected(v)}, expected struct WatermarkParams")
         if v is None or key in ("custom_params", "watermark"):
             continue
         if key in _SAMPLING_TYPES:
@@ -180,8 +232,9 @@ def check_contract(body: Any) -> None:
 # ---- semantics --------------------------------------------------------------------------------------------------
 
 
-def parse_sampling(sp: dict[str, Any] | None, vocab_size: int) -> SamplingParams:
-    """SGLang's normalize() + verify() on a contract-checked dict."""
+def parse_sampling(sp: dict[str, Any] | None, vocab_size: int, limits: Limits = Limits()) -> SamplingParams:
+    """SGLang's normalize() + verify() on a contract-checked dict, plus the bounds that keep the sampler's fp32
+    finite (MAX_LOGIT_BIAS...) and the server's caps (limits)."""
     sp = {k: v for k, v in (sp or {}).items() if v is not None}
     for key in ("json_schema", "regex", "ebnf", "structural_tag"):
         if sp.get(key):
@@ -217,6 +270,8 @@ def parse_sampling(sp: dict[str, Any] | None, vocab_size: int) -> SamplingParams
         p.top_k = TOP_K_ALL
     if not math.isfinite(p.temperature) or p.temperature < 0.0:
         raise ValueError(f"temperature must be a non-negative finite number, got {p.temperature}.")
+    if p.temperature > MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:g}, got {p.temperature}.")
     if not 0.0 < p.top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p.top_p}.")
     if not 0.0 <= p.min_p <= 1.0:
@@ -228,21 +283,32 @@ def parse_sampling(sp: dict[str, Any] | None, vocab_size: int) -> SamplingParams
             raise ValueError(f"{name} must be in [-2, 2], got {getattr(p, name)}.")
     if not 0.0 < p.repetition_penalty <= 2.0:
         raise ValueError(f"repetition_penalty must be in (0, 2] (1.0 = no penalty), got {p.repetition_penalty}.")
+    if p.repetition_penalty < MIN_REPETITION_PENALTY:
+        raise ValueError(f"repetition_penalty must be at least {MIN_REPETITION_PENALTY:g}, got {p.repetition_penalty}.")
+    for token, bias in p.logit_bias.items():  # JSON NaN / Infinity literals parse in Python: refuse them here
+        if not (math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+            raise ValueError(f"logit_bias values must be finite and in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                             f"got {bias} for token {token}.")
     if p.max_new_tokens is not None and p.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be at least 0, got {p.max_new_tokens}.")
     if p.min_new_tokens < 0 or (p.max_new_tokens is not None and p.min_new_tokens > p.max_new_tokens):
         raise ValueError(f"min_new_tokens must be in [0, max_new_tokens({p.max_new_tokens})], got {p.min_new_tokens}.")
     if p.n < 1:
         raise ValueError(f"n must be at least 1, got {p.n}.")
+    if limits.max_n is not None and p.n > limits.max_n:
+        raise ValueError(f"n must be at most {limits.max_n} (server.max_n), got {p.n}.")
     if not -(2**63) <= (p.sampling_seed or 0) <= 2**63 - 1:
         raise ValueError(f"sampling_seed must be in [-2**63, 2**63 - 1], got {p.sampling_seed}.")
     if len(p.stop) > 32 or len(p.stop_regex) > 32:
         raise ValueError(f"at most 32 stop strings are allowed, got {max(len(p.stop), len(p.stop_regex))}")
     for pattern in p.stop_regex:
+        if (size := len(pattern.encode("utf-8"))) > MAX_STOP_REGEX_LEN:
+            raise ValueError(f"stop_regex is {size} bytes, over the {MAX_STOP_REGEX_LEN}-byte limit")
         try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"invalid stop_regex {pattern!r}: {e}") from None
+            compile_stop_regex(pattern)
+        except re2.error as e:
+            why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+            raise ValueError(f"invalid stop_regex {pattern!r} (RE2 syntax: no backreferences or lookaround): {why}") from None
     return p
 
 
@@ -265,20 +331,30 @@ def _per_prompt(body: dict[str, Any], key: str, batch: int, default: Any, nested
     return list(v)
 
 
-def parse_generate(body: dict[str, Any], tokenizer: Tokenizer, vocab_size: int, max_seq_len: int) -> tuple[list[GenerateRequest], bool]:
+def parse_generate(body: dict[str, Any], tokenizer: Tokenizer, vocab_size: int, max_seq_len: int,
+                   limits: Limits = Limits()) -> tuple[list[GenerateRequest], bool]:
     """A contract-checked /generate body -> one GenerateRequest per sample (prompt-major for n > 1), and whether
-    the response is a list (a batch, or n > 1)."""
+    the response is a list (a batch, or n > 1). Tokenizes: the server calls it off the event loop."""
     text, ids = body.get("text"), body.get("input_ids")
     if text is None and ids is None:
         raise ValueError("Either text, input_ids or input_embeds should be provided.")
     if body.get("return_hidden_states") not in (None, False, []):
         raise ValueError("return_hidden_states is not supported by parityrt")
+    if has_lone_surrogate(body):
+        raise ValueError("The request holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode text.")
+    raw = (text if isinstance(text, list) else [text]) if text is not None else (ids if ids and isinstance(ids[0], list) else [ids])
+    if limits.max_batch is not None and len(raw) > limits.max_batch:
+        raise ValueError(f"At most {limits.max_batch} prompts per request (server.max_batch), got {len(raw)}.")
     if text is not None:  # text wins over input_ids, as in SGLang
-        prompts = [tokenizer.encode(t) for t in (text if isinstance(text, list) else [text])]
+        for t in raw:  # far too long to fit: refused before spending the tokenizer on it
+            if len(t) > 4 * max_seq_len * tokenizer.max_token_chars:
+                raise ValueError(f"The input (at least {len(t) // (4 * tokenizer.max_token_chars)} tokens) is longer "
+                                 f"than the model's context length ({max_seq_len} tokens).")
+        prompts = [tokenizer.encode(t) for t in raw]
         is_batch = isinstance(text, list)
     else:
         is_batch = bool(ids) and isinstance(ids[0], list)
-        prompts = [list(p) for p in (ids if is_batch else [ids])]
+        prompts = [list(p) for p in raw]
     if not prompts:
         raise ValueError("input_ids cannot be empty." if text is None else "text cannot be an empty list.")
     for p in prompts:
@@ -287,7 +363,7 @@ def parse_generate(body: dict[str, Any], tokenizer: Tokenizer, vocab_size: int, 
         if (bad := next((t for t in p if not 0 <= t < vocab_size), None)) is not None:
             raise ValueError(f"input_ids contains out-of-vocabulary token id {bad}; valid range is [0, {vocab_size}).")
     B = len(prompts)
-    sps = [parse_sampling(sp, vocab_size) for sp in _per_prompt(body, "sampling_params", B, {})]
+    sps = [parse_sampling(sp, vocab_size, limits) for sp in _per_prompt(body, "sampling_params", B, {})]
     n = sps[0].n
     if any(sp.n != n for sp in sps):
         raise ValueError("The parallel_sample_num (n) should be the same for all samples in sample params.")
@@ -309,6 +385,10 @@ def parse_generate(body: dict[str, Any], tokenizer: Tokenizer, vocab_size: int, 
                              f"len(req.origin_input_ids)={len(prompt)}. Please use a smaller logprob_start_len.")
         if not 0 <= top_num[i] <= vocab_size:
             raise ValueError(f"top_logprobs_num must be in [0, {vocab_size}], got {top_num[i]}.")
+        cap = limits.max_top_logprobs
+        if cap is not None and max(top_num[i], len(token_ids[i] or [])) > cap:
+            raise ValueError(f"top_logprobs_num and len(token_ids_logprob) must be at most {cap} "
+                             f"(server.max_top_logprobs), got {max(top_num[i], len(token_ids[i] or []))}.")
         if token_ids[i] is not None and (bad := next((t for t in token_ids[i] if not 0 <= t < vocab_size), None)) is not None:
             raise ValueError(f"token_ids_logprob contains out-of-vocabulary token id {bad}; valid range is [0, {vocab_size}).")
         for j in range(n):

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from parityrt.config import RunConfig
 from parityrt.distributed import TPInfo, tp_context
 from parityrt.engine.engine import Engine
+from parityrt.engine.request import Limits
 from parityrt.numerics import bind
 from parityrt.runtime import Runtime
 from parityrt.server.app import ServerState, create_app
@@ -46,4 +47,7 @@ def build_state(run: RunConfig, rt: Runtime) -> ServerState:
     served = run.server.served_model_name or str(rt.checkpoint)
     return ServerState(worker=EngineWorker(engine), load_model=load_model, model_path=str(rt.checkpoint),
                        served_model_name=served, server_args=args, model_type=hf.get("model_type"),
-                       architectures=list(hf.get("architectures") or []), api_key=run.server.api_key)
+                       architectures=list(hf.get("architectures") or []), api_key=run.server.api_key,
+                       limits=Limits(max_n=run.server.max_n, max_batch=run.server.max_batch,
+                                     max_top_logprobs=run.server.max_top_logprobs),
+                       max_body_bytes=run.server.max_body_bytes)

@@ -10,17 +10,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parityrt.engine.engine import Engine
-from parityrt.engine.request import ContractError, GenerateRequest, SamplingParams, check_contract, parse_generate
+from parityrt.engine.request import (ContractError, GenerateRequest, Limits, SamplingParams, check_contract,
+                                     has_lone_surrogate, parse_generate)
 from parityrt.server import protocol as P
 from parityrt.server.worker import EngineWorker
 
 OPEN_PATHS = ("/health", "/ready", "/metrics")
 VERSION = "0.5.23"  # the SGLang contract served
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming handler checks that its client is still there
+SURROGATE = "The request holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode text."
 
 
 @dataclass(slots=True, kw_only=True)
@@ -33,6 +37,8 @@ class ServerState:
     model_type: str | None = None
     architectures: list[str] = field(default_factory=list)
     api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_body_bytes: int | None = None  # None: unbounded
     weight_updates: int = 0
     started: float = field(default_factory=time.time)
 
@@ -53,28 +59,120 @@ async def _finals(out: asyncio.Queue, count: int) -> list[dict[str, Any]]:
     return results  # type: ignore[return-value]
 
 
+class BodyTooLarge(HTTPException):
+    """An HTTPException, so FastAPI's body reader lets it through (it turns other errors into a generic 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(status_code=413, detail=f"The request body is larger than server.max_body_bytes ({limit} bytes).")
+
+
+class Guard:
+    """Pure ASGI (Starlette's BaseHTTPMiddleware would hide client disconnects from request.is_disconnected):
+    the API key, and the body cap, checked on Content-Length before anything is read and counted while reading."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers, key, limit = dict(scope["headers"]), self.state.api_key, self.state.max_body_bytes
+        if key and not scope["path"].startswith(OPEN_PATHS) and headers.get(b"authorization") != f"Bearer {key}".encode():
+            return await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+        if limit is None:
+            return await self.app(scope, receive, send)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > limit:
+            err = BodyTooLarge(limit)
+            return await JSONResponse(P.error_object(err.detail, "413", 413), status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def receive_capped() -> Message:  # chunked bodies carry no Content-Length
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, receive_capped, send)
+
+
+def _validation_message(errors: Any) -> str:
+    """pydantic's errors as text, without what str(exc) adds in FastAPI >= 0.11x: the endpoint's source file and
+    line (a path leak) and the offending input echoed back (which can be the whole body)."""
+    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors]
+    text = f"{len(parts)} validation error{'s' if len(parts) != 1 else ''}: " + "; ".join(parts)
+    return text[:2000].encode("utf-8", "replace").decode("utf-8")  # a dict key in loc may be a lone surrogate
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="parityrt (SGLang-compatible)")
     app.state.parityrt = state
+    app.add_middleware(Guard, state=state)
     engine_cfg = state.engine.cfg
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if state.api_key and not request.url.path.startswith(OPEN_PATHS):
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
-                return JSONResponse({"error": "Unauthorized"}, status_code=401)
-        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        # SGLang rewrites FastAPI's 422 to a 400 ErrorResponse with the same message text
-        exc_str, errors_str = str(exc), str(exc.errors())
-        message = f"{exc_str} {errors_str}" if errors_str and errors_str != exc_str else exc_str
-        return JSONResponse(P.error_object(message, "Bad Request", 400), status_code=400)
+        # SGLang rewrites FastAPI's 422 to a 400 ErrorResponse
+        return JSONResponse(P.error_object(_validation_message(exc.errors()), "Bad Request", 400), status_code=400)
 
-    def parse(body: dict[str, Any]) -> tuple[list[GenerateRequest], bool]:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        # SGLang's handler: FastAPI's "There was an error parsing the body" (invalid UTF-8, nesting too deep for
+        # the JSON parser) and the body cap come back as ErrorResponse, type the status as a string
+        return JSONResponse(P.error_object(str(exc.detail), str(exc.status_code), exc.status_code),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # the last resort: a JSON body (never a bare 500 that drops the keep-alive connection), and no detail,
+        # which could carry paths or internals; the traceback goes to the server log
+        return JSONResponse(P.error_object("Internal server error", "InternalServerError", 500), status_code=500)
+
+    def parse(body: Any) -> tuple[list[GenerateRequest], bool]:
+        """Contract check and parse, tokenizing included: run on a worker thread (asyncio.to_thread), never on
+        the event loop, which serves every other client meanwhile."""
+        if has_lone_surrogate(body):  # first: the contract errors below would echo the string back
+            raise ValueError(SURROGATE)
+        check_contract(body)
         tok, args = state.engine.tokenizer, state.engine.runner.module.args
-        return parse_generate(body, tok, args.vocab_size, engine_cfg.max_seq_len)
+        return parse_generate(body, tok, args.vocab_size, engine_cfg.max_seq_len, state.limits)
+
+    async def collect(request: Request, out: asyncio.Queue, requests: list[GenerateRequest]) -> list[dict[str, Any]] | None:
+        """The final responses of a non-streaming request, or None when the client went away first: its
+        unfinished requests are then aborted, freeing their slots (streams do this in their `finally`)."""
+        results: list[dict[str, Any] | None] = [None] * len(requests)
+        pending = set(range(len(requests)))
+        get: asyncio.Task | None = None
+        try:
+            while pending:
+                get = get or asyncio.ensure_future(out.get())
+                done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
+                if not done:
+                    if await request.is_disconnected():
+                        return None
+                    continue
+                (index, resp), get = get.result(), None
+                results[index] = resp
+                if resp["meta_info"]["finish_reason"] is not None:
+                    pending.discard(index)
+            return results  # type: ignore[return-value]
+        finally:
+            if get is not None:
+                get.cancel()
+            if pending:
+                state.worker.abort_later([requests[i].rid for i in pending])
+
+    def failed(results: list[dict[str, Any]]) -> tuple[int, str] | None:
+        """SGLang's non-stream abort with a status code (tokenizer_manager): (status, message), or None."""
+        for r in results:
+            reason = r["meta_info"]["finish_reason"] or {}
+            code = reason.get("status_code")
+            if reason.get("type") == "abort" and isinstance(code, int) and 400 <= code < 600:
+                return code, str(reason.get("message"))
+        return None
 
     # ---- /generate ----------------------------------------------------------------------------------------------
 
@@ -82,12 +180,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def generate(obj: P.GenerateReqInput, request: Request):
         body = await request.json()
         try:
-            check_contract(body)
+            requests, as_list = await asyncio.to_thread(parse, body)
+            out = await state.worker.submit(requests)
         except ContractError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        try:
-            requests, as_list = parse(body)
-            out = await state.worker.submit(requests)
         except ValueError as e:
             if obj.stream:  # SGLang reports errors raised after admission inside the 200 stream
                 err = {"error": {"message": str(e), "type": "invalid_request_error", "code": 400, "retryable": False}}
@@ -95,7 +191,14 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"error": {"message": str(e)}}, status_code=400)
         if obj.stream:
             return StreamingResponse(_generate_stream(out, requests, as_list), media_type="text/event-stream")
-        results = await _finals(out, len(requests))
+        results = await collect(request, out, requests)
+        if results is None:
+            return Response(status_code=499)  # nobody reads it: the client closed the connection
+        if (err := failed(results)) is not None:
+            code, message = err
+            if code == 400:
+                return JSONResponse({"error": {"message": message}}, status_code=400)
+            return JSONResponse(P.error_object(message, str(code), code), status_code=code)
         return JSONResponse(results if as_list else results[0])
 
     async def _generate_stream(out: asyncio.Queue, requests: list[GenerateRequest], as_list: bool) -> AsyncIterator[bytes]:
@@ -121,31 +224,43 @@ def create_app(state: ServerState) -> FastAPI:
             raise RequestValidationError([{"loc": ["header", "content-type"], "type": "value_error",
                                            "msg": "Unsupported Media Type: Only 'application/json' is allowed"}])
 
-    async def openai_submit(body: dict[str, Any]) -> tuple[list[GenerateRequest], asyncio.Queue]:
-        check_contract(body)
-        requests, _ = parse(body)
+    async def openai_submit(request: Request, to_body: Callable[[], dict[str, Any]]) -> tuple[list[GenerateRequest], asyncio.Queue]:
+        if has_lone_surrogate(await request.json()):
+            raise ValueError(SURROGATE)
+        # the chat template and the tokenizer run on a worker thread, off the event loop
+        requests, _ = await asyncio.to_thread(lambda: parse(to_body()))
         return requests, await state.worker.submit(requests)
 
+    async def openai_finals(request: Request, out: asyncio.Queue, requests: list[GenerateRequest],
+                            render: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> Response:
+        results = await collect(request, out, requests)
+        if results is None:
+            return Response(status_code=499)
+        if (err := failed(results)) is not None:
+            return JSONResponse(P.error_object(err[1], "BadRequestError" if err[0] == 400 else str(err[0]), err[0]),
+                                status_code=err[0])
+        return JSONResponse(render(results))
+
     @app.post("/v1/completions", dependencies=[Depends(require_json)])
-    async def completions(req: P.CompletionRequest):
+    async def completions(req: P.CompletionRequest, request: Request):
         try:
             body = P.completion_to_generate(req)
-            requests, out = await openai_submit(body)
+            requests, out = await openai_submit(request, lambda: body)
         except ValueError as e:
             return openai_error(str(e))
         prompts = body["text"] if isinstance(body.get("text"), list) else [body.get("text") or ""]
         if not req.stream:
-            return JSONResponse(P.completion_response(await _finals(out, len(requests)), req, req.model, prompts))
+            return await openai_finals(request, out, requests, lambda r: P.completion_response(r, req, req.model, prompts))
         return StreamingResponse(_openai_stream(out, requests, req, "completion", prompts), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_json)])
-    async def chat(req: P.ChatCompletionRequest):
+    async def chat(req: P.ChatCompletionRequest, request: Request):
         try:
-            requests, out = await openai_submit(P.chat_to_generate(req, state.engine.tokenizer))
+            requests, out = await openai_submit(request, lambda: P.chat_to_generate(req, state.engine.tokenizer))
         except ValueError as e:
             return openai_error(str(e))
         if not req.stream:
-            return JSONResponse(P.chat_response(await _finals(out, len(requests)), req, req.model))
+            return await openai_finals(request, out, requests, lambda r: P.chat_response(r, req, req.model))
         return StreamingResponse(_openai_stream(out, requests, req, "chat", []), media_type="text/event-stream")
 
     async def _openai_stream(out: asyncio.Queue, requests: list[GenerateRequest], req, kind: str,
@@ -275,7 +390,7 @@ def create_app(state: ServerState) -> FastAPI:
         def swap() -> None:
             if obj.abort_all_requests:
                 state.worker.abort(None)
-            state.engine.set_model(model, version)
+            state.engine.set_model(model, version)  # requests that live on record the tokens of the old version
 
         await state.worker.call(swap)
         state.weight_updates += 1
@@ -283,10 +398,13 @@ def create_app(state: ServerState) -> FastAPI:
         return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 
     @app.post("/update_weight_version")
-    async def update_weight_version(request: Request):
-        body = await request.json()
-        version = str(body.get("new_version"))
-        await state.worker.call(lambda: setattr(state.engine, "weight_version", version))
-        return {"success": True, "message": "Weight version updated.", "new_version": version}
+    async def update_weight_version(obj: P.UpdateWeightVersionReq):
+        def update() -> None:
+            if obj.abort_all_requests:
+                state.worker.abort(None)
+            state.engine.set_weight_version(obj.new_version)
+
+        await state.worker.call(update)
+        return {"success": True, "message": f"Weight version updated to {obj.new_version}", "new_version": obj.new_version}
 
     return app

@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, field_validator
+import jinja2
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, field_validator
 
 from parityrt.tokenizer import Tokenizer
 
@@ -92,6 +93,13 @@ class ChatCompletionRequest(_OpenAIBase):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
+class UpdateWeightVersionReq(BaseModel):
+    """SGLang's UpdateWeightVersionReqInput: a string version is required ({} and 5 are 400s, not "None"/"5")."""
+
+    new_version: StrictStr
+    abort_all_requests: StrictBool = True  # SGLang's default: running requests end with an abort first
+
+
 class AbortReq(BaseModel):
     rid: str = ""
     abort_all: bool = False
@@ -141,11 +149,26 @@ def completion_to_generate(req: CompletionRequest) -> dict[str, Any]:
     return body
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# apply_chat_template's own arguments: set by the server, a kwarg of the same name would be a TypeError (500)
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt")
+
+
 def chat_to_generate(req: ChatCompletionRequest, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The chat request as a /generate body (tokenizes: the server calls it off the event loop)."""
     if not req.messages:
         raise ValueError("messages must not be empty.")
+    for i, m in enumerate(req.messages):  # a template fed {} or role 5 raises deep in jinja: refuse it here
+        if not isinstance(m.get("role"), str) or m["role"] not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r:.100}.")
+    kwargs = req.chat_template_kwargs or {}
+    if bad := [k for k in RESERVED_TEMPLATE_KWARGS if k in kwargs]:
+        raise ValueError(f"chat_template_kwargs must not set {', '.join(bad)}: the server sets them.")
     messages = [{**m, "content": _content_text(m.get("content"))} for m in req.messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(req.chat_template_kwargs or {}))
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+    except (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise ValueError(f"The chat template could not render these messages: {type(e).__name__}: {str(e)[:200]}") from None
     body: dict[str, Any] = {
         "input_ids": tokenizer.encode(text),
         "sampling_params": _sampling(req, req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p),
@@ -160,7 +183,9 @@ def _content_text(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)
     raise ValueError("message content must be a string or a list of text parts")
 
 

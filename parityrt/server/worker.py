@@ -75,12 +75,12 @@ class EngineWorker:
         return out
 
     def abort_later(self, rids: list[str]) -> None:
-        """Abort from a context that cannot await (a closed stream)."""
-        self.commands.put(lambda: [self._emit(s) for rid in rids for s in self.engine.abort(rid)])
+        """Abort from a context that cannot await (a closed stream, a client gone); O(requests) for any count."""
+        self.commands.put(lambda: [self._emit(s) for s in self.engine.abort_many(list(rids))])
 
     def abort(self, rid: str | None) -> list[Sequence]:
         """Engine thread only."""
-        aborted = self.engine.abort(rid)
+        aborted = self.engine.abort_many(None if rid is None else [rid])
         for seq in aborted:
             self._emit(seq)
         return aborted
@@ -102,8 +102,8 @@ class EngineWorker:
             t0 = time.perf_counter()
             try:
                 changed = self.engine.step()
-            except Exception:  # a failing step must not take the server down: its requests end with an abort
-                log.exception("engine step failed; aborting the running requests")
+            except Exception:  # Engine.step isolates a request that makes a step raise; this is the last resort
+                log.exception("engine step failed outside the model run; aborting the running requests")
                 for seq in list(self.engine.seqs.values()):
                     if seq.status is Status.running:
                         self.abort(seq.req.rid)
@@ -116,15 +116,18 @@ class EngineWorker:
 
     def _emit(self, seq: Sequence) -> None:
         listener = self.listeners.get(seq.req.rid)
-        if listener is None:
-            return
         finished = seq.status is Status.finished
+        if listener is None:
+            if finished:
+                self.engine.forget(seq.req.rid)
+            return
         interval = seq.req.sampling.stream_interval
         if not finished and not (listener.stream and len(seq.output_ids) % interval == 0):
             return
+        item = (listener.index, self.engine.response(seq))
         if finished:
             del self.listeners[seq.req.rid]
-        item = (listener.index, self.engine.response(seq))
+            self.engine.forget(seq.req.rid)
         listener.loop.call_soon_threadsafe(listener.queue.put_nowait, item)
 
 
