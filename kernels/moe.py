@@ -35,7 +35,8 @@ def experts_ref(
     weights (`expert_weights(e)` -> (gate_up_2IH, down_HI); x is cast to it). `down(h, W)` returns the down
     projection as partials over shards of I (tensor parallel); by default one library GEMM. Returns one y_TKH
     per partial. Rows are grouped per expert in ascending id; a row's result does not depend on the grouping as
-    long as the GEMM is row-invariant (true for bf16 on CPU; the batch-invariant GEMM issue covers the GPU)."""
+    long as the GEMM is row-invariant: ATen's bf16 CPU kernel is, oneDNN's is not on AMX CPUs (the engine's
+    shape-stable steps turn oneDNN off); on a GPU the policy's fixed-tile Triton GEMMs are."""
     T, K = ids_TK.shape
     down = down or (lambda h, w: [F.linear(h, w)])
     flat_ids_S = ids_TK.reshape(-1)

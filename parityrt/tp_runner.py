@@ -71,11 +71,12 @@ class TPDriver:
         self._freed.append(key)
 
     def __call__(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        self._send(("forward", ids_T.cpu(), pos_T.cpu(), batch.lens, [self._key(c) for c in batch.caches]))
+        keys = [self._key(c) for c in batch.caches]
+        self._send(("forward", torch.backends.mkldnn.enabled, ids_T.cpu(), pos_T.cpu(), batch.lens, keys))
         return self.model(ids_T, pos_T, batch)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        self._send(("logits", h.cpu()))
+        self._send(("logits", torch.backends.mkldnn.enabled, h.cpu()))
         return self.model.compute_logits(h)
 
     def bind(self, policy: NumericsPolicy) -> dict:
@@ -112,15 +113,20 @@ def worker_loop(model: nn.Module, device: str) -> None:
         kind = msg[0]
         if kind == "stop":
             return
+        if kind == "bind":
+            bind(model, msg[1])
+            continue
+        # rank 0's oneDNN switch travels with each call: the engine turns it off for shape-stable steps
+        # (parityrt/engine/model_runner.py), and every rank must take the same GEMM kernels
+        saved, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, msg[1]
         with torch.inference_mode():
             if kind == "forward":
-                _, ids, pos, lens, keys = msg
+                _, _, ids, pos, lens, keys = msg
                 batch = ForwardBatch(lens, [None if k is None else caches.setdefault(k, StateCache()) for k in keys])
                 model(ids.to(device), pos.to(device), batch)
             elif kind == "logits":
-                model.compute_logits(msg[1].to(device))
-            elif kind == "bind":
-                bind(model, msg[1])
+                model.compute_logits(msg[2].to(device))
+        torch.backends.mkldnn.enabled = saved
 
 
 def _init_group(run: RunConfig, rank: int, init_method: str) -> None:

@@ -7,11 +7,13 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hf_reference import model_logits, tiny_model_config
 from kernels.sampling import apply_penalties_ref, gumbel_noise_ref, murmur_hash32_ref, truncation_mask_ref
 from parityrt.config import EngineConfig, load_preset
 from parityrt.engine.engine import Engine
+from parityrt.engine.model_runner import reference_gemms
 from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
 from parityrt.generation import parse_records
 from parityrt.layers.cache import StateCache
@@ -206,3 +208,93 @@ def test_attention_kv_block_is_what_keeps_recomputed_chunks_bitwise(kimi) -> Non
     cfg = dict(chunked_prefill_size=23, max_seq_len=96, max_total_tokens=128, page_size=4)
     unpadded = _outputs(_engine(kimi, "rl_parity", ops={"attention": {"kv_block": 0}}, **cfg), _requests(prompts))
     assert unpadded != together
+
+
+def _load_requests(n: int, seed: int) -> list:
+    """Issue 18's load, scaled to CI: prompts of 10 to 300 tokens (so steps mix one request's decode with others'
+    prefill chunks, 64 to 512 rows), half greedy, half seeded top-p/top-k, input and top logprobs from token 0."""
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for i in range(n):
+        prompt = torch.randint(0, 2040, (int(torch.randint(10, 300, (1,), generator=g)),), generator=g).tolist()
+        sp = {"max_new_tokens": 8 + i % 5, "ignore_eos": True, "temperature": 0.0}
+        if i % 2:
+            sp.update(temperature=0.8, top_p=0.9, top_k=50, sampling_seed=1000 + i)
+        reqs += parse_records({"rid": f"load{i}", "input_ids": prompt, "sampling_params": sp, "return_logprob": True,
+                               "logprob_start_len": 0, "top_logprobs_num": 2}, TOK, 2048, 4096)
+    return reqs
+
+
+def _all_bits(engine: Engine, seqs: list) -> list[tuple]:
+    keys = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs")
+    return [(s.output_ids, *(engine.response(s)["meta_info"][k] for k in keys)) for s in seqs]
+
+
+def test_shape_stable_steps_take_row_invariant_gemms() -> None:
+    """The cause of issue 18's defect 1: on AMX / AVX-512-BF16 CPUs oneDNN's bf16 GEMM gives a row other bits
+    when more rows come with it (here 2 of 131,072 outputs, in the rl_parity K-tile shape of the experts' down
+    projection: x [M, 16] with row stride 128), so a request's logprobs drifted under load. Shape-stable steps run
+    with oneDNN off, and ATen's kernel computes each output alone. (On AVX2 CPUs both are row-invariant.)"""
+    g = torch.Generator().manual_seed(0)
+    x_MK, w_NK = torch.randn(512, 128, generator=g).bfloat16()[:, :16], torch.randn(256, 128, generator=g).bfloat16()[:, :16]
+    with reference_gemms(True):
+        rows = torch.cat([F.linear(x_MK[i : i + 1], w_NK) for i in range(512)])
+        for m in (2, 24, 64, 128, 512):
+            assert torch.equal(F.linear(x_MK[:m], w_NK), rows[:m]), m
+    assert torch.backends.mkldnn.enabled  # restored
+
+
+def _load_requests(n: int, seed: int) -> list:
+    """Issue 18's load, scaled to CI: prompts of 10 to 300 tokens (so steps mix one request's decode with others'
+    prefill chunks, 64 to 512 rows), half greedy, half seeded top-p/top-k, input and top logprobs from token 0."""
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for i in range(n):
+        prompt = torch.randint(0, 2040, (int(torch.randint(10, 300, (1,), generator=g)),), generator=g).tolist()
+        sp = {"max_new_tokens": 8 + i % 5, "ignore_eos": True, "temperature": 0.0}
+        if i % 2:
+            sp.update(temperature=0.8, top_p=0.9, top_k=50, sampling_seed=1000 + i)
+        reqs += parse_records({"rid": f"load{i}", "input_ids": prompt, "sampling_params": sp, "return_logprob": True,
+                               "logprob_start_len": 0, "top_logprobs_num": 2}, TOK, 2048, 4096)
+    return reqs
+
+
+def _all_bits(engine: Engine, seqs: list) -> list[tuple]:
+    keys = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs")
+    return [(s.output_ids, *(engine.response(s)["meta_info"][k] for k in keys)) for s in seqs]
+
+
+@pytest.mark.parametrize("model_name", ["qwen", "kimi"])
+def test_rl_parity_prompt_logits_do_not_depend_on_the_step_size(request, model_name) -> None:
+    """The cause of issue 18's defect 1, caught directly: a 40-token prompt's logits, prefilled in one step beside
+    0 to 460 other tokens (steps of 64 to 512 rows), are the same bits. With oneDNN on, Kimi's fail on AMX CPUs."""
+    model = request.getfixturevalue(model_name)
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 2040, (40,), generator=g).tolist()
+    [probe] = _requests([prompt], max_new_tokens=1)
+    probe = dataclasses.replace(probe, keep_logits=True)
+    ref = None
+    for filler in (0, 30, 97, 200, 300, 460):
+        others = _requests([torch.randint(0, 2040, (filler,), generator=g).tolist()], max_new_tokens=1) if filler else []
+        [seq, *_] = _engine(model, "rl_parity").generate([probe, *[dataclasses.replace(o, rid="filler") for o in others]])
+        logits = torch.stack([seq.logits[p] for p in sorted(seq.logits)])
+        ref = logits if ref is None else ref
+        assert torch.equal(logits, ref), f"{filler} other tokens in the step"
+
+
+@pytest.mark.parametrize("model_name", ["qwen", "kimi"])
+def test_rl_parity_under_mixed_load_and_neighbours_preempted(request, model_name) -> None:
+    """Issue 18, defect 1: under load one request's logprobs (not its ids) drifted in the last bits. The cause, on
+    AMX / AVX-512-BF16 CPUs (not on AVX2 ones): oneDNN's bf16 GEMMs choose their blocking by M, and Kimi's dense down
+    projection ([M, 512] x [512, 256]) gave other bits for most M between 37 and 512; shape-stable steps now run
+    with oneDNN off (parityrt/engine/model_runner.py). The reference is each request alone on an idle engine."""
+    model = request.getfixturevalue(model_name)
+    reqs = _load_requests(10, seed=18)
+    alone = [_all_bits(e, e.generate([r]))[0] for r in reqs for e in [_engine(model, "rl_parity")]]
+    busy = _engine(model, "rl_parity", max_running_requests=64)
+    assert _all_bits(busy, busy.generate(reqs)) == alone
+    # a pool of 400 tokens: decodes outgrow it, and neighbours are preempted and recomputed around each request
+    tight = _engine(model, "rl_parity", max_seq_len=320, max_total_tokens=400, page_size=4, max_running_requests=64)
+    seqs = tight.generate(reqs)
+    assert sum(s.num_retractions for s in seqs) > 0
+    assert _all_bits(tight, seqs) == alone

@@ -112,8 +112,8 @@ def test_engine_fast_drifts_with_tp_size_and_algorithm(cache_dir) -> None:
               f"partials {drift_bf16:.4g}, with fp32 partials {algo_drift[-1]:.4g}")
         assert drift_tp > 0
     # an fp32 sum of four bf16 partials is usually exact, so the order rarely shows there; fp32 partials expose it
-    # (whether it survives the final bf16 rounding of the logits depends on the model: see the printed figures)
-    assert max(algo_drift) > 0
+    # in the all-reduce (test_all_reduce_orders_match_their_python_model), but whether it survives the bf16 roundings up to the logits
+    # depends on the data and on the CPU's GEMM kernels (0 for both models on an AMX Xeon): printed, not asserted
 
 
 def _in_process(name: str, cache_dir: Path, tp: int) -> dict[str, torch.Tensor]:

@@ -1,12 +1,14 @@
 """One engine step on the model: the varlen forward of the scheduled tokens, logits of the rows anyone needs,
 logprobs as the policy computes them, and the sampled tokens.
 
-Shape-stable kernels (CPU). Three things make a row's bits depend on how many rows share an op: torch sends a bf16
-GEMM to oneDNN only when M·K·N > 16³ (its own kernel below), fp32 GEMMs take other MKL paths for M < 12, and
-elementwise kernels (softplus, sigmoid...) run vectorised except for a scalar tail of numel mod 64 elements, whose
-results differ in the last bit. With `shape_stable` every step is padded with a throw-away sequence (no cache) to a
-multiple of STABLE_ROWS tokens, so token-wise ops have no tail and GEMMs stay on one kernel whatever the batch, and
-the attention modules run with oneDNN off, so a query row gets the same kernel in decode (one row) as in prefill.
+Shape-stable kernels (CPU). A row's bits must not depend on how many rows share an op, and three CPU kernels break
+that: oneDNN's bf16 GEMMs pick their blocking by M (on AMX / AVX-512-BF16 CPUs a [M, 512] x [512, 256] GEMM, Kimi's
+dense down projection, gives other bits for 93 of 136 values of M), fp32 GEMMs take other MKL paths for M < 12,
+and elementwise kernels (softplus, sigmoid...) run vectorised except for a scalar tail of numel mod 64 elements,
+whose results differ in the last bit. So with `shape_stable` every step runs with oneDNN off (forward and logits,
+on every tensor-parallel rank): each bf16 GEMM takes ATen's own kernel, one fp32 dot product per output in a fixed
+K order whatever M, at 15-50x oneDNN's time. And every step is padded with a throw-away sequence (no cache) to a
+multiple of STABLE_ROWS tokens, so token-wise ops have no tail and fp32 GEMMs stay on one MKL path.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ class SeqResult:
     logits: dict[int, torch.Tensor]
 
 
+@contextmanager
+def reference_gemms(on: bool) -> Iterator[None]:
+    """oneDNN off while `on` (not torch.backends.mkldnn.flags, which also resets its TF32 switch and warns)."""
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = saved and not on
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = saved
+
+
 def samples(seq: Sequence, p: int) -> bool:
     """The row at position p is the last known token and the sequence still wants tokens."""
     return p + 1 == len(seq.all_ids) and len(seq.output_ids) < seq.max_new_tokens
@@ -52,7 +65,6 @@ class ModelRunner:
         self.device = next(self.module.parameters()).device
         self.vocab = self.module.args.vocab_size
         self.routers = [m for m in self.module.modules() if getattr(m, "numerics_op", None) == "router"]
-        self.attention = [m for m in self.module.modules() if getattr(m, "numerics_op", None) == "attention"]
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> list[SeqResult]:
@@ -68,7 +80,7 @@ class ModelRunner:
             caches.append(seq.cache)
         if self.shape_stable and (pad := -sum(lens) % STABLE_ROWS):
             ids, pos, lens, caches = ids + [0] * pad, pos + list(range(pad)), lens + [pad], caches + [None]
-        with self._stable_attention(), self._capture_routes(want_routes) as routes:
+        with reference_gemms(self.shape_stable and self.device.type == "cpu"), self._capture_routes(want_routes) as routes:
             h = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), ForwardBatch(lens, caches))
             rows, owners = self._logit_rows(batch, h.shape[0])
             logits = self.model.compute_logits(h[torch.tensor(rows, dtype=torch.long, device=self.device)]) if rows else None
@@ -142,26 +154,6 @@ class ModelRunner:
         if seq.req.token_ids_logprob is not None:
             chosen = [(float(lp_V[t]), t) for t in seq.req.token_ids_logprob]
         return token_lp, top, chosen
-
-    @contextmanager
-    def _stable_attention(self) -> Iterator[None]:
-        if not (self.shape_stable and self.device.type == "cpu"):
-            yield
-            return
-        saved: list[bool] = []
-
-        def off(*_) -> None:
-            saved.append(torch.backends.mkldnn.enabled)
-            torch.backends.mkldnn.enabled = False
-
-        def restore(*_) -> None:
-            torch.backends.mkldnn.enabled = saved.pop()
-
-        with ExitStack() as stack:
-            for m in self.attention:
-                stack.callback(m.register_forward_pre_hook(off).remove)
-                stack.callback(m.register_forward_hook(restore).remove)
-            yield
 
     @contextmanager
     def _capture_routes(self, on: bool) -> Iterator[list[torch.Tensor]]:

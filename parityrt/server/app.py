@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parityrt.engine.engine import Engine
@@ -118,10 +119,13 @@ def create_app(state: ServerState) -> FastAPI:
         # SGLang rewrites FastAPI's 422 to a 400 ErrorResponse
         return JSONResponse(P.error_object(_validation_message(exc.errors()), "Bad Request", 400), status_code=400)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        # SGLang's handler: FastAPI's "There was an error parsing the body" (invalid UTF-8, nesting too deep for
-        # the JSON parser) and the body cap come back as ErrorResponse, type the status as a string
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # SGLang's HTTPException handler: ErrorResponse, type the status as a string. That covers FastAPI's "There
+        # was an error parsing the body" (invalid UTF-8, nesting too deep for the JSON parser; FastAPI raises
+        # Starlette's class for it) and the body cap. Unknown routes and methods keep Starlette's {"detail": ...}.
+        if exc.status_code in (404, 405):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         return JSONResponse(P.error_object(str(exc.detail), str(exc.status_code), exc.status_code),
                             status_code=exc.status_code)
 
@@ -274,7 +278,8 @@ def create_app(state: ServerState) -> FastAPI:
                     delta = {"role": "assistant", "content": ""}
                     yield _sse({"id": sid, "object": obj, "created": created, "model": req.model,
                                 "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
-            while any(f is None for f in finals):
+            left = n  # a count, not any() over finals per chunk: that was O(n²) for n = 50,000 samples
+            while left:
                 i, resp = await out.get()
                 meta = resp["meta_info"]
                 text = resp["text"][sent_text[i]:]
@@ -292,6 +297,7 @@ def create_app(state: ServerState) -> FastAPI:
                 yield _sse({"id": sid, "object": obj, "created": created, "model": req.model, "choices": [choice]})
                 if reason is not None:
                     finals[i] = resp
+                    left -= 1
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({"id": sid, "object": obj, "created": created, "model": req.model, "choices": [],
                             "usage": P.usage(finals, req.n)})
