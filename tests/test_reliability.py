@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import json
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -85,6 +86,32 @@ def _ok(srv: LiveServer) -> None:
     assert srv.get("/health", timeout=30).status_code == 200
 
 
+# ---- 1: rl_parity under concurrency -------------------------------------------------------------------------
+
+
+def test_concurrent_streams_are_bitwise_their_solo_runs(srv) -> None:
+    """Issue 18's 64-stream check at CI size: 12 concurrent streams, 3 to 60 words, half greedy, half seeded
+    top-p/top-k, input logprobs from token 0 and top-2 logprobs; each must be bitwise the same request alone."""
+    rng = random.Random(18)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum".split()
+    bodies = []
+    for i in range(12):
+        sp = {**(SEEDED if i % 2 else GREEDY), "max_new_tokens": rng.randint(3, 8)}
+        if i % 2:
+            sp["sampling_seed"] = 1000 + i
+        bodies.append({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 60))), "sampling_params": sp,
+                       "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2})
+
+    def bits(resp: dict[str, Any]) -> tuple:
+        meta = resp["meta_info"]
+        return (*_bits(resp), meta["input_token_logprobs"], meta["input_top_logprobs"])
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: bits(_stream(srv, b)), bodies))
+    for i, body in enumerate(bodies):
+        assert bits(srv.post("/generate", body, timeout=60).json()) == together[i], f"request {i}"
+
+
 # ---- 2: regex stops ----------------------------------------------------------------------------------------------
 
 
@@ -116,6 +143,34 @@ def test_catastrophic_stop_regex_is_bounded_and_others_unaffected(srv, undisturb
         sp = {**_victim_body(0)["sampling_params"], "stop_regex": "[\\s\\S]" + "".join(f"\\x{{{ord(c):x}}}" for c in piece)}
         r = srv.post("/generate", {**_victim_body(0), "sampling_params": sp}).json()
         assert r["meta_info"]["finish_reason"]["type"] == "stop" and r["output_ids"] == ids[: len(r["output_ids"])], r
+
+
+def test_health_stays_up_under_load_and_503s_when_the_engine_is_stuck(srv, monkeypatch) -> None:
+    """SGLang's /health: healthy once the engine moves any request after the probe was sent. It used to wait for
+    its own token behind the whole batch, so under load probes timed out (9/9 in scripts/soak.py)."""
+    import parityrt.server.app as app_module
+
+    load = {"text": "load " * 40, "sampling_params": {"max_new_tokens": 120, "ignore_eos": True}}
+    with ThreadPoolExecutor(6) as pool:
+        busy = [pool.submit(srv.post, "/generate", {**load, "rid": f"load-{i}"}, 60) for i in range(6)]
+        deadline = time.monotonic() + 30
+        while len(srv.state.engine.seqs) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(srv.state.engine.seqs) == 6
+        t0 = time.monotonic()
+        assert srv.get("/health", timeout=10).status_code == 200
+        assert time.monotonic() - t0 < 3
+        assert srv.post("/abort_request", {"abort_all": True}).status_code == 200
+        assert all(f.result(timeout=60).json()["meta_info"]["finish_reason"]["type"] == "abort" for f in busy)
+    # an engine thread that stops stepping: 503 once the timeout passes
+    monkeypatch.setattr(app_module, "HEALTH_TIMEOUT_S", 1.0)
+    release = threading.Event()
+    srv.state.worker.commands.put(lambda: release.wait(20))
+    try:
+        assert srv.get("/health", timeout=10).status_code == 503
+    finally:
+        release.set()
+    _ok(srv)
 
 
 # ---- 3: bad sampling values --------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from parityrt.server.worker import EngineWorker
 
 OPEN_PATHS = ("/health", "/ready", "/metrics")
 VERSION = "0.5.23"  # the SGLang contract served
+HEALTH_TIMEOUT_S, HEALTH_POLL_S = 20.0, 0.1  # SGLang's HEALTH_CHECK_TIMEOUT; it polls every 1 s
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming handler checks that its client is still there
 SURROGATE = "The request holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode text."
 
@@ -328,15 +329,28 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     @app.get("/health_generate")
     async def health():
-        # as SGLang: a real one-token generation, 503 when it does not come back in time
+        # as SGLang: a real one-token generation; healthy as soon as the engine moves any request after the probe
+        # was sent (under load the probe itself may wait behind the running batch), 503 after HEALTH_TIMEOUT_S
+        tic = time.monotonic()
         req = GenerateRequest(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", input_ids=[0],
                               sampling=SamplingParams(max_new_tokens=1, top_k=1))
+
+        async def generate() -> None:  # submitting waits for the engine thread too: bounded with the rest
+            await _finals(await state.worker.submit([req]), 1)
+
+        probe = asyncio.ensure_future(generate())
         try:
-            out = await state.worker.submit([req])
-            await asyncio.wait_for(_finals(out, 1), timeout=20)
-        except Exception:
+            while time.monotonic() < tic + HEALTH_TIMEOUT_S:
+                if probe.done():
+                    return Response(status_code=503 if probe.exception() is not None else 200)
+                if state.worker.last_output > tic:
+                    return Response(status_code=200)
+                await asyncio.sleep(HEALTH_POLL_S)
             return Response(status_code=503)
-        return Response(status_code=200)
+        finally:
+            if not probe.done():
+                probe.cancel()
+                state.worker.abort_later([req.rid])  # queued after the add, if the add has not run yet
 
     @app.get("/get_model_info")
     @app.get("/model_info")

@@ -34,6 +34,7 @@ class EngineWorker:
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="parityrt-engine", daemon=True)
         self.gen_throughput = 0.0  # tokens/s of the last step that generated tokens
+        self.last_output = 0.0  # time.monotonic() of the last step that moved any request (the health signal)
 
     def start(self) -> None:
         self.thread.start()
@@ -108,6 +109,8 @@ class EngineWorker:
                     if seq.status is Status.running:
                         self.abort(seq.req.rid)
                 continue
+            if changed:
+                self.last_output = time.monotonic()
             new_tokens = sum(1 for s in changed if s.output_ids)
             if new_tokens:
                 self.gen_throughput = new_tokens / max(time.perf_counter() - t0, 1e-9)
