@@ -13,7 +13,7 @@ from torch import nn
 from kernels.rope import default_inv_freq, yarn_inv_freq, yarn_mscale
 from models.base import CausalLM
 from parityrt.layers.cache import ForwardBatch
-from parityrt.layers.head import Embedding, Logprobs, LMHead
+from parityrt.layers.head import Embedding, LMHead, Logprobs
 from parityrt.layers.mla import MLAttention
 from parityrt.layers.moe import MLP, DeepseekMoe
 from parityrt.layers.norm import RMSNorm

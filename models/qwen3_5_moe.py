@@ -13,7 +13,7 @@ from models.base import CausalLM
 from parityrt.layers.attention import GatedAttention
 from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.gdn import GatedDeltaNet
-from parityrt.layers.head import Embedding, Logprobs, LMHead
+from parityrt.layers.head import Embedding, LMHead, Logprobs
 from parityrt.layers.moe import Qwen35SparseMoe
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import MRotaryEmbedding

@@ -13,10 +13,10 @@ from torch import nn
 
 from kernels import _triton
 from parityrt.config import RunConfig
+from parityrt.distributed import TPInfo, is_power_of_two, tp_context
 from parityrt.layers import flashinfer_ops
 from parityrt.numerics import apply_process_settings, bind, write_resolved
 from parityrt.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer
-from parityrt.distributed import TPInfo, is_power_of_two, tp_context
 from parityrt.tp_runner import TPDriver, load_tp_model
 from parityrt.weights import build_model, ensure_generated_checkpoint
 

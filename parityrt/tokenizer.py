@@ -9,7 +9,6 @@ for streaming.
 from __future__ import annotations
 
 import functools
-
 import json
 from collections.abc import Sequence
 from pathlib import Path

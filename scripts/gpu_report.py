@@ -22,6 +22,7 @@ from parityrt.layers.cache import ForwardBatch, StateCache
 from parityrt.numerics import apply_process_settings, bind
 from parityrt.weights import build_model, ensure_generated_checkpoint
 
+
 def _ours(model, ids_BS: torch.Tensor) -> torch.Tensor:
     B, S = ids_BS.shape
     pos = torch.arange(S, device=ids_BS.device).repeat(B)

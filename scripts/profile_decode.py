@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import torch
+from bench import _timed, engine_decode_engine, policy_from_spec
 from torch.profiler import ProfilerActivity, profile
 
-from bench import _timed, engine_decode_engine, policy_from_spec
 from parityrt.config import compose_run
 from parityrt.numerics import apply_process_settings, bind
 from parityrt.weights import build_model

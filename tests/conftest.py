@@ -41,6 +41,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _row_invariant_interpreter_dot()
 
 
+# pytest-xdist runs the suite in one worker per core (pyproject addopts): one torch thread each, or the workers'
+# OpenMP threads fight over the cores (a 50 s test took 155 s). Bits compared within a process are unaffected.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
 # Modules whose CPU tests run Triton kernels on CPU tensors: possible only through the interpreter, which is
 # selected only where there is no GPU (with a GPU, `@triton.jit` compiles for it and refuses CPU tensors).
 INTERPRETER_MODULES = {"test_triton_gemm", "test_triton_moe", "test_triton_norm_attention", "test_triton_gdn",

@@ -67,7 +67,7 @@ def test_static_decode_forward_matches_the_engines_decode(cache_dir, name, prese
         assert max(abs(a - b) for a, b in zip(lp_a, lp_b)) < 1e-4
 
 
-def test_policies_that_cannot_be_captured_are_refused_by_name(cache_dir) -> None:
+def test_cuda_graphs_need_the_model_on_a_cuda_device(cache_dir) -> None:
     model, _ = build_model(tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir)))
     bind(model, load_preset("rl_parity"))
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):

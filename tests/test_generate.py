@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from hf_reference import tiny_model_config
-from parityrt.generation import Generator, parse_request
 from parityrt.config import load_preset
+from parityrt.generation import Generator, parse_request
 from parityrt.numerics import bind
 from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model

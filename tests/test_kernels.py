@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gdn import causal_conv1d_ref, causal_conv1d_taps, chunked_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+from kernels.gdn import (
+    causal_conv1d_ref,
+    causal_conv1d_taps,
+    chunked_gated_delta_rule_ref,
+    recurrent_gated_delta_rule_ref,
+)
 from kernels.moe import combine_ref
 from kernels.norm import add_rms_norm_ref
 

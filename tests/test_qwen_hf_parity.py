@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from hf_reference import export_checkpoint, load_hf, make_hf_qwen, model_logits, tiny_model_config
-from parityrt.config import ModelConfig
+from parityrt.config import ModelConfig, load_preset
 from parityrt.numerics import bind
-from parityrt.config import load_preset
 from parityrt.weights import CheckpointError, build_model
 
 transformers = pytest.importorskip("transformers")

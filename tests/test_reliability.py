@@ -90,12 +90,12 @@ def _ok(srv: LiveServer) -> None:
 
 
 def test_concurrent_streams_are_bitwise_their_solo_runs(srv) -> None:
-    """Issue 18's 64-stream check at CI size: 12 concurrent streams, 3 to 60 words, half greedy, half seeded
+    """Issue 18's 64-stream check at CI size: 10 concurrent streams, 3 to 60 words, half greedy, half seeded
     top-p/top-k, input logprobs from token 0 and top-2 logprobs; each must be bitwise the same request alone."""
     rng = random.Random(18)
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum".split()
     bodies = []
-    for i in range(12):
+    for i in range(10):
         sp = {**(SEEDED if i % 2 else GREEDY), "max_new_tokens": rng.randint(3, 8)}
         if i % 2:
             sp["sampling_seed"] = 1000 + i
@@ -272,7 +272,7 @@ def test_aborting_many_is_linear(srv) -> None:
     while engine.has_work() and time.monotonic() - t0 < 30:
         time.sleep(0.02)
     took = time.monotonic() - t0
-    assert took < 3.0 and not engine.has_work(), took
+    assert took < 10.0 and not engine.has_work(), took  # n² took minutes; O(n) is ~1 s, more on a loaded machine
     _ok(srv)
 
 

@@ -92,15 +92,16 @@ def _sampled(prompt: list[int], seed: int) -> dict:
 
 
 def test_rl_parity_alone_concurrent_and_rescored(srv) -> None:
-    """A request's ids and logprobs are the same bits alone, among 16 concurrent requests of different lengths,
-    and when prompt + output are re-scored in one prefill (max_new_tokens 0)."""
+    """A request's ids and logprobs are the same bits alone, among 6 concurrent requests of different lengths,
+    and when prompt + output are re-scored in one prefill (max_new_tokens 0). (test_reliability.py runs the
+    issue-18 mix of 12 streams with top and input logprobs.)"""
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 2040, (3 + 7 * i,), generator=g).tolist() for i in range(16)]
+    prompts = [torch.randint(0, 2040, (3 + 17 * i,), generator=g).tolist() for i in range(6)]
     def call(i: int) -> dict:
         return httpx.post(srv.url + "/generate", json=_sampled(prompts[i], 100 + i), timeout=300).json()
-    alone = [call(i) for i in range(16)]
-    with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(call, range(16)))
+    alone = [call(i) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(call, range(6)))
     for a, b in zip(alone, together):
         assert a["output_ids"] == b["output_ids"]
         assert a["meta_info"]["output_token_logprobs"] == b["meta_info"]["output_token_logprobs"]

@@ -9,7 +9,16 @@ import itertools
 import pytest
 import torch
 
-from kernels.fused_moe import BLOCK_M, COMBINES, ORDERS, Int4Weights, combine_triton, fused_experts, fused_experts_ref, route_rows
+from kernels.fused_moe import (
+    BLOCK_M,
+    COMBINES,
+    ORDERS,
+    Int4Weights,
+    combine_triton,
+    fused_experts,
+    fused_experts_ref,
+    route_rows,
+)
 from kernels.int4 import pack_int4
 from kernels.moe import combine_ref
 

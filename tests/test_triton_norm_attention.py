@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import attention_split_kv, attention_split_kv_ref, eager_attention_ref
 from kernels._triton import round_bf16
+from kernels.attention import attention_split_kv, attention_split_kv_ref, eager_attention_ref
 from kernels.norm import add_rms_norm_ref, add_rms_norm_triton, rms_norm_ref, rms_norm_triton
 
 EPS = 1e-6

@@ -4,8 +4,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.gdn import (causal_conv1d_ref, causal_conv1d_taps, chunked_gated_delta_rule_ref, chunked_gated_delta_rule_triton,
-                         recurrent_gated_delta_rule_ref, recurrent_gated_delta_rule_triton)
+from kernels.gdn import (
+    causal_conv1d_ref,
+    causal_conv1d_taps,
+    chunked_gated_delta_rule_ref,
+    chunked_gated_delta_rule_triton,
+    recurrent_gated_delta_rule_ref,
+    recurrent_gated_delta_rule_triton,
+)
 from parityrt.layers.cache import ForwardBatch, StateCache
 from parityrt.layers.linear import ColumnParallelLinear, PartsLoader, RowParallelLinear, make_param
 from parityrt.layers.norm import GatedRMSNorm

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-
-import torch.distributed as dist
 
 from parityrt.distributed import get_tp
 from parityrt.layers.linear import PartsLoader, make_param, matmul

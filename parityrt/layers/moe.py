@@ -9,8 +9,25 @@ from torch import nn
 from kernels.fused_moe import Int4Weights, fused_experts
 from kernels.int4 import dequant_int4_ref
 from kernels.moe import combine_ref, experts_grouped_mm, experts_ref, gate_up_silu
-from parityrt.layers.linear import AllReduce, Linear, PartsLoader, RowParallelLinear, RowParallelMatmul, make_param, matmul
-from parityrt.numerics import DequantOrder, ExpertsGemm, ExpertsNumerics, Impl, MlpNumerics, RouterDtype, RouterNumerics, TpReduce
+from parityrt.layers.linear import (
+    AllReduce,
+    Linear,
+    PartsLoader,
+    RowParallelLinear,
+    RowParallelMatmul,
+    make_param,
+    matmul,
+)
+from parityrt.numerics import (
+    DequantOrder,
+    ExpertsGemm,
+    ExpertsNumerics,
+    Impl,
+    MlpNumerics,
+    RouterDtype,
+    RouterNumerics,
+    TpReduce,
+)
 
 
 class MLP(nn.Module):

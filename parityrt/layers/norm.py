@@ -3,8 +3,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.norm import (add_rms_norm_ref, add_rms_norm_triton, gated_rms_norm_ref, gated_rms_norm_triton, rms_norm_ref,
-                          rms_norm_triton)
+from kernels.norm import (
+    add_rms_norm_ref,
+    add_rms_norm_triton,
+    gated_rms_norm_ref,
+    gated_rms_norm_triton,
+    rms_norm_ref,
+    rms_norm_triton,
+)
 from parityrt.layers import flashinfer_ops
 from parityrt.layers.linear import make_param
 from parityrt.numerics import NormImpl, NormNumerics

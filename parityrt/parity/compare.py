@@ -20,7 +20,14 @@ import torch
 from parityrt.config import RunConfig
 from parityrt.parity import metrics as M
 from parityrt.parity.io import (
-    Run, RunError, check_same_prompts, differing_modules, load_config, load_run, prompt_ids, tokenizer_of,
+    Run,
+    RunError,
+    check_same_prompts,
+    differing_modules,
+    load_config,
+    load_run,
+    prompt_ids,
+    tokenizer_of,
 )
 from parityrt.parity.scoring import PolicyDrift, compare_policies
 from parityrt.parity.workload import sequences

@@ -17,8 +17,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parityrt.engine.engine import Engine
-from parityrt.engine.request import (ContractError, GenerateRequest, Limits, SamplingParams, check_contract,
-                                     has_lone_surrogate, parse_generate)
+from parityrt.engine.request import (
+    ContractError,
+    GenerateRequest,
+    Limits,
+    SamplingParams,
+    check_contract,
+    has_lone_surrogate,
+    parse_generate,
+)
 from parityrt.server import protocol as P
 from parityrt.server.worker import EngineWorker
 
