@@ -29,7 +29,8 @@ def _tree_sum(terms: list[torch.Tensor]) -> torch.Tensor:
     return terms[0]
 
 
-def _check_tree(ks: int, shards: int, tile_k: int) -> None:
+def check_tree(ks: int, shards: int, tile_k: int) -> None:
+    """The tree K order's shape rules for `shards` shards of ks columns each (the layers check them at bind)."""
     if ks % tile_k:
         raise ValueError(f"tree K order: each shard's K ({ks}) must be a whole number of tiles of {tile_k}")
     tiles = ks // tile_k
@@ -55,7 +56,7 @@ def row_partials_ref(
     ks = K // shards
     if k_order == "library":
         return [_gemm(x_MK[..., r * ks : (r + 1) * ks], w_NK[:, r * ks : (r + 1) * ks], tile_dtype) for r in range(shards)]
-    _check_tree(ks, shards, tile_k)
+    check_tree(ks, shards, tile_k)
     out = []
     for r in range(shards):
         tiles = [_gemm(x_MK[..., k : k + tile_k], w_NK[:, k : k + tile_k], tile_dtype).to(acc_dtype)
@@ -196,7 +197,7 @@ def row_partials_triton(
     if K % shards:
         raise ValueError(f"K={K} does not split into {shards} shards")
     ks = K // shards
-    _check_tree(ks, shards, tile_k)
+    check_tree(ks, shards, tile_k)
     if tile_k < 16 or tile_k & (tile_k - 1):
         raise ValueError(f"tree K order (Triton): tile_k ({tile_k}) must be a power of two >= 16")
     levels = (ks // tile_k - 1).bit_length()  # ceil(log2(tiles))

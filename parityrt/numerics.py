@@ -307,6 +307,11 @@ def bind(model: nn.Module, policy: NumericsPolicy) -> dict[str, dict[str, Any]]:
         if op is None:
             continue
         module.nx = policy.resolve(op, fqn)
+        if (check := getattr(module, "check_numerics", None)) is not None:
+            try:
+                check()
+            except ValueError as e:
+                raise ValueError(f"numerics {policy.name!r} cannot run {fqn} ({op}): {e}") from None
         table[fqn] = {"op": op, **to_jsonable(module.nx)}
     for ov in policy.overrides:
         if not any(t["op"] == ov.op and fnmatch.fnmatchcase(name, ov.pattern) for name, t in table.items()):

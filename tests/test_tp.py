@@ -3,6 +3,7 @@ under tp_invariant (virtual in-process; real with gloo processes; torchrun), rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -185,3 +186,17 @@ def test_a_dead_rank_fails_the_job_fast(cache_dir) -> None:
     watchdog = "parityrt: tensor-parallel rank 1 exited with code -9; stopping the job" in proc.stderr
     assert watchdog or re.search(r"Connection (closed|reset) by peer", proc.stderr), proc.stderr[-3000:]
     assert time.monotonic() - start < 90
+
+
+def test_tree_k_order_that_cannot_split_a_shard_is_refused_at_bind(cache_dir) -> None:
+    """Issue 12: tp_invariant at TP=2 on a shared expert of intermediate 80 failed at the first forward, on every
+    rank ("each shard's K (40) must be a whole number of tiles of 16"); bind refuses it, naming module and knob."""
+    cfg = tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir))
+    cfg = dataclasses.replace(cfg, name="qwen3_5_moe_tiny_se80",
+                              hf_config={**cfg.hf_config, "shared_expert_intermediate_size": 80})
+    with tp_context(TPInfo(rank=0, size=2, virtual=True)):
+        model, _ = build_model(cfg)
+    with pytest.raises(ValueError, match=r"cannot run layers\.0\.mlp\.shared_expert\.down_proj\.matmul \(row_linear\): "
+                                         r"k_order=tree, tile_k=16 at TP=2: .*K \(40\).*tiles of 16"):
+        bind(model, load_preset("tp_invariant"))
+    bind(model, load_preset("hf_eager"))  # the library K order takes any shape

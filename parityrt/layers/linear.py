@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.gemm import linear_fixed_tile
-from kernels.row_linear import row_partials_ref, row_partials_triton
+from kernels.row_linear import check_tree, row_partials_ref, row_partials_triton
 from parityrt.distributed import all_reduce, get_tp
 from parityrt.numerics import AllReduceNumerics, Impl, KOrder, LinearNumerics, RowLinearNumerics
 
@@ -141,11 +141,21 @@ class RowParallelMatmul(nn.Module):
 
     numerics_op = "row_linear"
 
-    def __init__(self):
+    def __init__(self, k_local: int):
         super().__init__()
         self.tp = get_tp()
+        self.k_local = k_local  # the K this process holds: one rank's shard, or every shard under virtual TP
         self.nx = RowLinearNumerics()
         self.reduce = AllReduce()
+
+    def check_numerics(self) -> None:
+        """Called by bind(): a K order the shapes cannot take is refused at load, not at the first forward."""
+        if self.plain or self.nx.k_order != KOrder.tree:
+            return
+        try:
+            check_tree(self.k_local // self.tp.shards, self.tp.size, self.nx.tile_k)
+        except ValueError as e:
+            raise ValueError(f"k_order=tree, tile_k={self.nx.tile_k} at TP={self.tp.size}: {e}") from None
 
     @property
     def plain(self) -> bool:
@@ -178,7 +188,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.loader = PartsLoader([in_features], [1], dim=1)
         self.weight = make_param(out_features, self.loader.local_sizes[0], dtype=dtype, loader=self.loader)
-        self.matmul = RowParallelMatmul()
+        self.matmul = RowParallelMatmul(self.loader.local_sizes[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.weight)

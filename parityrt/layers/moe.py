@@ -134,7 +134,7 @@ class Experts(nn.Module):
         else:
             self.gate_up_proj = make_param(experts, 2 * i_local, hidden, dtype=dtype, loader=gate_up)
             self.down_proj = make_param(experts, hidden, i_local, dtype=dtype, loader=PartsLoader([inter], [1], dim=2))
-        self.down = RowParallelMatmul()
+        self.down = RowParallelMatmul(i_local)
         self.reduce = AllReduce()
         self.nx = ExpertsNumerics()
 
