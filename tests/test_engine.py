@@ -303,3 +303,21 @@ def test_rl_parity_under_mixed_load_and_neighbours_preempted(request, model_name
     seqs = tight.generate(reqs)
     assert sum(s.num_retractions for s in seqs) > 0
     assert _all_bits(tight, seqs) == alone
+
+
+def test_streamed_text_decodes_each_token_once(qwen, monkeypatch) -> None:
+    """A response per step, as a stream gets: the text is the full decode of the output, and building it decodes
+    O(n) token ids in all (issue 12: every chunk decoded the whole output, n²/2 = 7,260 ids for 120 tokens)."""
+    engine = _engine(qwen, "hf_eager")
+    [req] = _requests([[5, 6, 7]], max_new_tokens=120, temperature=0.0)
+    decoded = []
+    real = TOK.decode
+    monkeypatch.setattr(TOK, "decode", lambda ids, **kw: decoded.append(len(ids)) or real(ids, **kw))
+    seq = engine.add(req)
+    texts = []
+    while engine.has_work():
+        engine.step()
+        texts.append(engine.response(seq)["text"])
+    assert len(seq.output_ids) == 120 and texts[-1] == real(seq.output_ids, skip_special_tokens=True)
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # streamed text only grows
+    assert sum(decoded) < 15 * 120, sum(decoded)

@@ -10,7 +10,7 @@ import numpy as np
 
 from parityrt.engine.request import compile_stop_regex
 from parityrt.engine.scheduler import Sequence, Status
-from parityrt.tokenizer import Tokenizer
+from parityrt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 def stop_string(seq: Sequence, tokenizer: Tokenizer) -> str | None:
@@ -38,17 +38,22 @@ def stop_string(seq: Sequence, tokenizer: Tokenizer) -> str | None:
 
 def output_text(seq: Sequence, tokenizer: Tokenizer) -> str:
     """Text of the output so far. Finished on a stop string: cut before it (unless no_stop_trim). Running: the
-    last (longest stop - 1) characters are held back, so that streamed text only ever grows."""
+    last (longest stop - 1) characters are held back, so that streamed text only ever grows. The text is kept on
+    the sequence and extended by the new tokens only (a stream used to decode its whole output per chunk: O(n²));
+    an incomplete UTF-8 sequence waits in the detokenizer for its next token, and is flushed at the finish."""
     sp = seq.req.sampling
-    text = tokenizer.decode(seq.output_ids, skip_special_tokens=sp.skip_special_tokens)
-    matched = (seq.finish or {}).get("matched")
+    if seq.detok is None:
+        seq.detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=sp.skip_special_tokens)
+    seq.text += seq.detok.step(seq.output_ids[len(seq.detok.output_ids) :])
+    text = seq.text
     if seq.status is Status.finished:
+        text = seq.text = text + seq.detok.flush()
+        matched = (seq.finish or {}).get("matched")
         if isinstance(matched, str) and not sp.no_stop_trim and matched in text:
             text = text[: text.index(matched)]
         return text
     hold = max([len(s) for s in sp.stop] + [0]) - 1
-    text = text[: len(text) - hold] if hold > 0 else text
-    return text.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its next token
+    return text[: len(text) - hold] if hold > 0 else text
 
 
 def _entries(lp: list, ids: list[int], tokenizer: Tokenizer, with_text: bool) -> list[list[Any]]:

@@ -48,6 +48,8 @@ class Sequence:
     output_lp: list[tuple[float, list[tuple[float, int]] | None, list[tuple[float, int]] | None]] = field(default_factory=list)
     routed: dict[int, list[list[int]]] = field(default_factory=dict)  # position -> [layer][k] expert ids
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # keep_logits: position -> fp32 row
+    detok: Any = None  # the output's IncrementalDetokenizer, made on the first response (engine/output.py)
+    text: str = ""  # the output decoded so far, by detok: each response decodes only the new tokens
 
     @property
     def all_ids(self) -> list[int]:
