@@ -8,7 +8,7 @@ Arguments after `--` are Hydra overrides for the server (`numerics=rl_parity` co
 means something; override it to soak another preset, and ignore the mismatch count). The server runs in a
 subprocess, so its RSS is read from /proc before and after. Prints (and writes to --out) requests sent, failures
 (an unexpected status, an exception or a timeout), 5xx responses, p50/p99 latency of the completed probes, RSS
-before/after, and bitwise mismatches. Exits 1 if any failure, 5xx or mismatch was seen.
+before/after, bitwise mismatches, and how many probes were preempted. Exits 1 if any failure, 5xx or mismatch was seen.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Stats:
     server_errors: int = 0
     mismatches: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    retracted: int = 0  # probes preempted at least once (KV-pool pressure) and still checked bitwise
     kinds: dict[str, int] = field(default_factory=dict)
 
 
@@ -88,6 +89,7 @@ async def _action(c: httpx.AsyncClient, kind: str, n: int, probes: list[dict], r
         t0 = time.monotonic()
         resp = await _generate(c, probes[i], stream=n % 3 != 0)
         st.latencies.append(time.monotonic() - t0)
+        st.retracted += (resp["meta_info"].get("num_retractions") or 0) > 0
         if _bits(resp) != ref[i]:
             st.mismatches.append(i)
     elif kind == "disconnect":  # a stream dropped after its first chunk, or a non-streaming client that gives up
@@ -216,6 +218,7 @@ def main() -> int:
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
     report = {"server": cmd[3:], "requests": st.sent, "kinds": st.kinds, "failures": len(st.failures),
               "server_errors_5xx": st.server_errors, "bitwise_mismatches": len(st.mismatches),
+              "probes_preempted": st.retracted,
               "probes_checked": st.kinds.get("probe", 0) + args.probes, "latency_p50_s": round(pct(0.5), 3),
               "latency_p99_s": round(pct(0.99), 3), "rss_before_mb": round(rss_before), "rss_after_mb": round(rss_after),
               "seconds": round(took, 1), "failure_samples": st.failures[:10], "mismatched_probes": sorted(set(st.mismatches))}
