@@ -3,6 +3,9 @@ aborts, bad inputs, broken weight updates, version bumps and KV-pool pressure, w
 ids, logprobs and top logprobs compared bitwise to the same request sent alone on the idle server.
 
     python scripts/soak.py --requests 400 --concurrency 32 --out soak.json -- engine.max_total_tokens=1024
+    python scripts/soak.py --probes-only --probes 64 --requests 64 --concurrency 64      # issue 18's 64 streams
+    python scripts/soak.py --probes-only --long --probes 24 --requests 24 --concurrency 24 -- \
+        engine.max_total_tokens=512 engine.max_seq_len=512                                # and its 512-token pool
 
 Arguments after `--` are Hydra overrides for the server (`numerics=rl_parity` comes first, so the bitwise check
 means something; override it to soak another preset, and ignore the mismatch count). The server runs in a
@@ -51,9 +54,10 @@ class Stats:
     kinds: dict[str, int] = field(default_factory=dict)
 
 
-def _probe(i: int, rng: random.Random, long: bool) -> dict[str, Any]:
-    words = rng.randint(150, 400) if long else rng.randint(3, 120)
-    sp: dict[str, Any] = {"max_new_tokens": rng.randint(16, 48), "ignore_eos": True, "temperature": 0.0}
+def _probe(i: int, rng: random.Random, long: bool, pool: bool) -> dict[str, Any]:
+    """pool: issue 18's pool scenario (60-200 words, 60 new tokens); else 3-120 words (150-400 when long)."""
+    words = rng.randint(60, 200) if pool else rng.randint(150, 400) if long else rng.randint(3, 120)
+    sp: dict[str, Any] = {"max_new_tokens": 60 if pool else rng.randint(16, 48), "ignore_eos": True, "temperature": 0.0}
     if i % 2:
         sp.update(temperature=0.8, top_p=0.9, top_k=50, sampling_seed=1000 + i)
     return {"text": " ".join(rng.choice(WORDS) for _ in range(words)), "sampling_params": sp, "return_logprob": True,
@@ -82,12 +86,13 @@ async def _generate(c: httpx.AsyncClient, body: dict[str, Any], stream: bool) ->
     return last
 
 
-async def _action(c: httpx.AsyncClient, kind: str, n: int, probes: list[dict], ref: list[tuple], st: Stats) -> None:
+async def _action(c: httpx.AsyncClient, kind: str, n: int, probes: list[dict], ref: list[tuple], st: Stats,
+                  stream_all: bool) -> None:
     st.kinds[kind] = st.kinds.get(kind, 0) + 1
     if kind == "probe":
         i = n % len(probes)
         t0 = time.monotonic()
-        resp = await _generate(c, probes[i], stream=n % 3 != 0)
+        resp = await _generate(c, probes[i], stream=stream_all or n % 3 != 0)
         st.latencies.append(time.monotonic() - t0)
         st.retracted += (resp["meta_info"].get("num_retractions") or 0) > 0
         if _bits(resp) != ref[i]:
@@ -144,13 +149,14 @@ def _free_port() -> int:
 
 async def soak(args: argparse.Namespace, url: str) -> Stats:
     rng = random.Random(args.seed)
-    probes = [_probe(i, rng, long=i % 4 == 3) for i in range(args.probes)]
+    probes = [_probe(i, rng, long=i % 4 == 3, pool=args.long) for i in range(args.probes)]
     st = Stats()
     timeout = httpx.Timeout(args.timeout)
     async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
         ref = [_bits(await _generate(c, p, stream=False)) for p in probes]  # each alone on the idle server
         weights = {"probe": 10, "disconnect": 2, "abort": 2, "bad": 2, "bad_weights": 1, "version": 1, "health": 2}
-        plan = rng.choices(list(weights), weights=list(weights.values()), k=args.requests)
+        plan = (["probe"] * args.requests if args.probes_only
+                else rng.choices(list(weights), weights=list(weights.values()), k=args.requests))
         queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
         for item in enumerate(plan):
             queue.put_nowait(item)
@@ -160,7 +166,7 @@ async def soak(args: argparse.Namespace, url: str) -> Stats:
                 n, kind = queue.get_nowait()
                 st.sent += 1
                 try:
-                    await asyncio.wait_for(_action(c, kind, n, probes, ref, st), args.timeout)
+                    await asyncio.wait_for(_action(c, kind, n, probes, ref, st, args.probes_only), args.timeout)
                 except httpx.HTTPStatusError as e:
                     st.server_errors += e.response.status_code >= 500
                     st.failures.append(f"{kind}#{n}: HTTP {e.response.status_code} {e.response.text[:200]}")
@@ -183,6 +189,8 @@ def main() -> int:
     p.add_argument("--probes", type=int, default=16, help="distinct well-formed requests checked bitwise")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before one action counts as hung")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probes-only", action="store_true", help="no faults: every action is a streamed probe")
+    p.add_argument("--long", action="store_true", help="probes of 60-200 words and 60 new tokens (pool pressure)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the server, after --")
     args = p.parse_args()
