@@ -2,8 +2,9 @@
 logprobs as the policy computes them, and the sampled tokens.
 
 Shape-stable kernels (CPU). A row's bits must not depend on how many rows share an op, and three CPU kernels break
-that: oneDNN's bf16 GEMMs pick their blocking by M (on AMX / AVX-512-BF16 CPUs a [M, 512] x [512, 256] GEMM, Kimi's
-dense down projection, gives other bits for 93 of 136 values of M), fp32 GEMMs take other MKL paths for M < 12,
+that: oneDNN's bf16 GEMMs pick their blocking by M (on AMX / AVX-512-BF16 Xeons a [M, 512] x [512, 256] GEMM gives
+other bits for 93 of 136 values of M, and so do, for some M, the 16-wide K tiles of rl_parity's down projections,
+which made Kimi's logprobs drift under load), fp32 GEMMs take other MKL paths for M < 12,
 and elementwise kernels (softplus, sigmoid...) run vectorised except for a scalar tail of numel mod 64 elements,
 whose results differ in the last bit. So with `shape_stable` every step runs with oneDNN off (forward and logits,
 on every tensor-parallel rank): each bf16 GEMM takes ATen's own kernel, one fp32 dot product per output in a fixed
