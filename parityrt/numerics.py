@@ -240,6 +240,19 @@ class OpsNumerics:
     sampling: SamplingNumerics = field(default_factory=SamplingNumerics)
 
 
+class Unbound:
+    """A numerics-aware module's settings before bind(): reading them is an error, never a silent default."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"a {self.op!r} module was run before bind(model, policy) gave it its numerics "
+                           f"(reading {name!r}); bind the model first")
+
+
 @dataclass(slots=True, kw_only=True)
 class LayerOverride:
     """Settings for one op kind on the modules whose qualified name matches `pattern` (fnmatch glob)."""

@@ -67,6 +67,7 @@ def test_mla_absorb_is_a_real_knob(tiny) -> None:
     assert (_logits(model, ids) - expanded).abs().max().item() <= 1e-5  # the same math
     # bf16, one MLA layer on the same input: within bf16 rounding, but different bits
     model = tiny["bfloat16"]
+    bind(model, load_preset("hf_eager"))  # the norm below runs before the loop binds
     attn = model.layers[0].self_attn
     x = model.layers[0].input_layernorm(model.embed_tokens(ids.reshape(-1)))[0]
     cos, sin = model.rotary(torch.arange(ids.shape[1]).repeat(ids.shape[0])[None])

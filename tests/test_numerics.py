@@ -131,3 +131,12 @@ def test_every_op_kind_is_bound_and_written(model, cache_dir, tmp_path) -> None:
     path = write_resolved(tmp_path, load_preset(BASE), table)
     data = json.loads(path.read_text())
     assert data["policy"]["name"] == BASE and data["modules"]["layers.0.mlp.experts"]["combine"] == "index_add_bf16"
+
+
+def test_an_unbound_module_refuses_to_run(cache_dir) -> None:
+    """Issue 12: no silent instance defaults. A model built and run without bind() fails with a clear error."""
+    model, _ = build_model(tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir)))
+    with pytest.raises(RuntimeError, match=r"module was run before bind\(model, policy\)"):
+        model_logits(model, torch.zeros(1, 4, dtype=torch.long))
+    bind(model, load_preset("hf_eager"))
+    assert model_logits(model, torch.zeros(1, 4, dtype=torch.long)).isfinite().all()

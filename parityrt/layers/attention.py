@@ -9,7 +9,7 @@ from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.linear import ColumnParallelLinear, RowParallelLinear
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import ApplyRope
-from parityrt.numerics import AttentionImpl, AttentionNumerics
+from parityrt.numerics import AttentionImpl, Unbound
 
 
 class Attention(nn.Module):
@@ -20,7 +20,7 @@ class Attention(nn.Module):
     def __init__(self, scale: float):
         super().__init__()
         self.scale = scale
-        self.nx = AttentionNumerics()
+        self.nx = Unbound("attention")
 
     def forward(self, q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor,
                 key_lens_B: torch.Tensor | None = None) -> torch.Tensor:

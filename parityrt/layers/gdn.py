@@ -15,7 +15,7 @@ from kernels.gdn import (
 from parityrt.layers.cache import ForwardBatch, StateCache
 from parityrt.layers.linear import ColumnParallelLinear, PartsLoader, RowParallelLinear, make_param
 from parityrt.layers.norm import GatedRMSNorm
-from parityrt.numerics import GdnAlgo, GdnNumerics, Impl
+from parityrt.numerics import GdnAlgo, Impl, Unbound
 
 
 class GatedDeltaNet(nn.Module):
@@ -41,7 +41,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = make_param(self.v_heads, dtype=dtype, loader=PartsLoader([v_heads], [1]))
         self.norm = GatedRMSNorm(v_dim, eps, dtype)
         self.out_proj = RowParallelLinear(v_heads * v_dim, hidden, dtype)
-        self.nx = GdnNumerics()
+        self.nx = Unbound("gdn")
 
     def forward(self, x_TH: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv_T = self.in_proj_qkv(x_TH)

@@ -7,7 +7,7 @@ from torch import nn
 
 from parityrt.distributed import get_tp
 from parityrt.layers.linear import PartsLoader, make_param, matmul
-from parityrt.numerics import Impl, LmHeadNumerics, LogprobFormula, LogprobNumerics, Precision
+from parityrt.numerics import Impl, LogprobFormula, Precision, Unbound
 
 
 class Embedding(nn.Module):
@@ -51,7 +51,7 @@ class LMHead(nn.Module):
         loader = PartsLoader([vocab], [1])
         self.weight = make_param(loader.local_sizes[0], hidden, dtype=dtype, loader=loader)
         self.tp = get_tp()
-        self.nx = LmHeadNumerics()
+        self.nx = Unbound("lm_head")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         fp32 = self.nx.dtype == Precision.fp32
@@ -77,7 +77,7 @@ class Logprobs(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.nx = LogprobNumerics()
+        self.nx = Unbound("logprobs")
 
     def forward(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         scaled = logits.float() / temperature if temperature != 1.0 else logits.float()

@@ -14,7 +14,7 @@ from torch import nn
 from kernels.gemm import linear_fixed_tile
 from kernels.row_linear import check_tree, row_partials_ref, row_partials_triton
 from parityrt.distributed import all_reduce, get_tp
-from parityrt.numerics import AllReduceNumerics, Impl, KOrder, LinearNumerics, RowLinearNumerics
+from parityrt.numerics import Impl, KOrder, Unbound
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, impl: Impl, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -98,7 +98,7 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
         super().__init__()
         self.weight = make_param(out_features, in_features, dtype=dtype)
-        self.nx = LinearNumerics()
+        self.nx = Unbound("linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.weight, self.nx.impl)
@@ -114,7 +114,7 @@ class ColumnParallelLinear(nn.Module):
         self.loader = PartsLoader(parts, units or [1] * len(parts))
         self.local_sizes = self.loader.local_sizes
         self.weight = make_param(sum(self.local_sizes), in_features, dtype=dtype, loader=self.loader)
-        self.nx = LinearNumerics()
+        self.nx = Unbound("linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.weight, self.nx.impl)
@@ -128,7 +128,7 @@ class AllReduce(nn.Module):
     def __init__(self):
         super().__init__()
         self.tp = get_tp()
-        self.nx = AllReduceNumerics()
+        self.nx = Unbound("all_reduce")
 
     def forward(self, partials: list[torch.Tensor], model_dtype: torch.dtype) -> torch.Tensor:
         nx = self.nx
@@ -145,7 +145,7 @@ class RowParallelMatmul(nn.Module):
         super().__init__()
         self.tp = get_tp()
         self.k_local = k_local  # the K this process holds: one rank's shard, or every shard under virtual TP
-        self.nx = RowLinearNumerics()
+        self.nx = Unbound("row_linear")
         self.reduce = AllReduce()
 
     def check_numerics(self) -> None:

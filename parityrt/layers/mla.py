@@ -11,7 +11,7 @@ from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import ApplyRope
-from parityrt.numerics import MlaNumerics
+from parityrt.numerics import Unbound
 
 
 class MLAttention(nn.Module):
@@ -42,7 +42,7 @@ class MLAttention(nn.Module):
         self.heads = self.kv_b_proj.local_sizes[0] // (nope + v_dim)
         self.rope = ApplyRope(interleaved=True)
         self.attn = Attention(scale)
-        self.nx = MlaNumerics()
+        self.nx = Unbound("mla")
 
     def _q(self, x_TD: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):

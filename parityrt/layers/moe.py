@@ -21,12 +21,10 @@ from parityrt.layers.linear import (
 from parityrt.numerics import (
     DequantOrder,
     ExpertsGemm,
-    ExpertsNumerics,
     Impl,
-    MlpNumerics,
     RouterDtype,
-    RouterNumerics,
     TpReduce,
+    Unbound,
 )
 
 
@@ -41,7 +39,7 @@ class MLP(nn.Module):
         loader = PartsLoader([inter, inter], [1, 1])
         self.gate_up_proj = make_param(sum(loader.local_sizes), hidden, dtype=dtype, loader=loader)
         self.down_proj = RowParallelLinear(inter, hidden, dtype)
-        self.nx = MlpNumerics()
+        self.nx = Unbound("mlp")
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         mm = lambda x, w: matmul(x, w, self.nx.impl)
@@ -58,7 +56,7 @@ class SoftmaxTopKRouter(nn.Module):
         super().__init__()
         self.weight = make_param(experts, hidden, dtype=dtype)
         self.top_k = top_k
-        self.nx = RouterNumerics()
+        self.nx = Unbound("router")
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # fp32: the GEMM over upcast inputs; native = model for Qwen3.5: the GEMM runs in bf16
@@ -87,7 +85,7 @@ class SigmoidGroupedTopKRouter(nn.Module):
         self.weight = make_param(experts, hidden, dtype=dtype)
         self.e_score_correction_bias = make_param(experts, dtype=torch.float32)  # kept fp32, as HF keeps it
         self.top_k, self.n_group, self.topk_group, self.norm, self.scaling = top_k, n_group, topk_group, norm_topk_prob, scaling
-        self.nx = RouterNumerics()
+        self.nx = Unbound("router")
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.nx.logits_dtype == RouterDtype.model:
@@ -136,7 +134,7 @@ class Experts(nn.Module):
             self.down_proj = make_param(experts, hidden, i_local, dtype=dtype, loader=PartsLoader([inter], [1], dim=2))
         self.down = RowParallelMatmul(i_local)
         self.reduce = AllReduce()
-        self.nx = ExpertsNumerics()
+        self.nx = Unbound("experts")
 
     def _weights(self, dtype: torch.dtype):
         if not self.quantized:

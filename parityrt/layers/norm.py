@@ -13,7 +13,7 @@ from kernels.norm import (
 )
 from parityrt.layers import flashinfer_ops
 from parityrt.layers.linear import make_param
-from parityrt.numerics import NormImpl, NormNumerics
+from parityrt.numerics import NormImpl, Unbound
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = make_param(dim, dtype=dtype)
         self.eps, self.zero_centred = eps, zero_centred
-        self.nx = NormNumerics()
+        self.nx = Unbound("norm")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(residual + x), residual + x); without a residual, (norm(x), x)."""
@@ -49,7 +49,7 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         self.weight = make_param(dim, dtype=dtype)
         self.eps = eps
-        self.nx = NormNumerics()
+        self.nx = Unbound("norm")
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if self.nx.impl == NormImpl.flashinfer:

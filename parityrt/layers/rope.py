@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from kernels.rope import apply_rope_interleaved_ref, apply_rope_ref, default_inv_freq, mrope_cos_sin, rope_cos_sin
-from parityrt.numerics import Precision, RopeNumerics
+from parityrt.numerics import Precision, Unbound
 
 
 class MRotaryEmbedding(nn.Module):
@@ -41,7 +41,7 @@ class ApplyRope(nn.Module):
     def __init__(self, interleaved: bool = False):
         super().__init__()
         self.interleaved = interleaved
-        self.nx = RopeNumerics()
+        self.nx = Unbound("rope")
 
     def forward(self, x_BHSD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         fp32 = self.nx.apply_dtype == Precision.fp32

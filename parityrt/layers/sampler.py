@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kernels.sampling import apply_penalties_ref, sample_ref
-from parityrt.numerics import SamplingMethod, SamplingNumerics
+from parityrt.numerics import SamplingMethod, Unbound
 
 
 @dataclass(slots=True)
@@ -37,7 +37,7 @@ class Sampler(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.nx = SamplingNumerics()
+        self.nx = Unbound("sampling")
 
     def forward(self, logits_BV: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         logits_BV = logits_BV.float()
