@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -349,6 +351,18 @@ def write_resolved(run_dir: Path, policy: NumericsPolicy, table: dict[str, dict[
     path = Path(run_dir) / "numerics_resolved.json"
     path.write_text(json.dumps({"policy": to_jsonable(policy), "modules": table}, indent=1))
     return path
+
+
+@contextmanager
+def onednn(enabled: bool) -> Iterator[None]:
+    """torch's oneDNN switch set while inside (not torch.backends.mkldnn.flags, which also resets its TF32 switch and
+    warns). The engine turns it off for shape-stable CPU steps; tensor-parallel ranks copy rank 0's per call."""
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = saved
 
 
 def apply_process_settings(policy: NumericsPolicy) -> None:

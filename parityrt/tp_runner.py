@@ -24,7 +24,7 @@ from torch import nn
 from parityrt.config import RunConfig
 from parityrt.distributed import TPInfo, tp_context
 from parityrt.layers.cache import ForwardBatch, StateCache
-from parityrt.numerics import NumericsPolicy, apply_process_settings, bind
+from parityrt.numerics import NumericsPolicy, apply_process_settings, bind, onednn
 
 
 def _backend(run: RunConfig) -> str:
@@ -118,15 +118,13 @@ def worker_loop(model: nn.Module, device: str) -> None:
             continue
         # rank 0's oneDNN switch travels with each call: the engine turns it off for shape-stable steps
         # (parityrt/engine/model_runner.py), and every rank must take the same GEMM kernels
-        saved, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, msg[1]
-        with torch.inference_mode():
+        with onednn(msg[1]), torch.inference_mode():
             if kind == "forward":
                 _, _, ids, pos, lens, keys = msg
                 batch = ForwardBatch(lens, [None if k is None else caches.setdefault(k, StateCache()) for k in keys])
                 model(ids.to(device), pos.to(device), batch)
             elif kind == "logits":
                 model.compute_logits(msg[2].to(device))
-        torch.backends.mkldnn.enabled = saved
 
 
 def _init_group(run: RunConfig, rank: int, init_method: str) -> None:

@@ -19,10 +19,9 @@ from kernels.sampling import (
 from parityrt.config import EngineConfig, load_preset
 from parityrt.engine.engine import Engine
 from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
-from parityrt.engine.model_runner import reference_gemms
 from parityrt.generation import parse_records
 from parityrt.layers.cache import StateCache
-from parityrt.numerics import bind, with_ops
+from parityrt.numerics import bind, onednn, with_ops
 from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model
 
@@ -215,26 +214,6 @@ def test_attention_kv_block_is_what_keeps_recomputed_chunks_bitwise(kimi) -> Non
     assert unpadded != together
 
 
-def _load_requests(n: int, seed: int) -> list:
-    """Issue 18's load, scaled to CI: prompts of 10 to 300 tokens (so steps mix one request's decode with others'
-    prefill chunks, 64 to 512 rows), half greedy, half seeded top-p/top-k, input and top logprobs from token 0."""
-    g = torch.Generator().manual_seed(seed)
-    reqs = []
-    for i in range(n):
-        prompt = torch.randint(0, 2040, (int(torch.randint(10, 300, (1,), generator=g)),), generator=g).tolist()
-        sp = {"max_new_tokens": 8 + i % 5, "ignore_eos": True, "temperature": 0.0}
-        if i % 2:
-            sp.update(temperature=0.8, top_p=0.9, top_k=50, sampling_seed=1000 + i)
-        reqs += parse_records({"rid": f"load{i}", "input_ids": prompt, "sampling_params": sp, "return_logprob": True,
-                               "logprob_start_len": 0, "top_logprobs_num": 2}, TOK, 2048, 4096)
-    return reqs
-
-
-def _all_bits(engine: Engine, seqs: list) -> list[tuple]:
-    keys = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs")
-    return [(s.output_ids, *(engine.response(s)["meta_info"][k] for k in keys)) for s in seqs]
-
-
 def test_shape_stable_steps_take_row_invariant_gemms() -> None:
     """The cause of issue 18's defect 1: on AMX / AVX-512-BF16 CPUs oneDNN's bf16 GEMM gives a row other bits
     when more rows come with it (here 2 of 131,072 outputs, in the rl_parity K-tile shape of the experts' down
@@ -242,7 +221,7 @@ def test_shape_stable_steps_take_row_invariant_gemms() -> None:
     with oneDNN off, and ATen's kernel computes each output alone. (On AVX2 CPUs both are row-invariant.)"""
     g = torch.Generator().manual_seed(0)
     x_MK, w_NK = torch.randn(512, 128, generator=g).bfloat16()[:, :16], torch.randn(256, 128, generator=g).bfloat16()[:, :16]
-    with reference_gemms(True):
+    with onednn(False):
         rows = torch.cat([F.linear(x_MK[i : i + 1], w_NK) for i in range(512)])
         for m in (2, 24, 64, 128, 512):
             assert torch.equal(F.linear(x_MK[:m], w_NK), rows[:m]), m
@@ -271,8 +250,9 @@ def _all_bits(engine: Engine, seqs: list) -> list[tuple]:
 
 @pytest.mark.parametrize("model_name", ["qwen", "kimi"])
 def test_rl_parity_prompt_logits_do_not_depend_on_the_step_size(request, model_name) -> None:
-    """The cause of issue 18's defect 1, caught directly: a 40-token prompt's logits, prefilled in one step beside
-    0 to 460 other tokens (steps of 64 to 512 rows), are the same bits. With oneDNN on, Kimi's fail on AMX CPUs."""
+    """Prefill under rl_parity does not depend on the step size: a 40-token prompt's logits, prefilled in one step
+    beside 0 to 460 other tokens (steps of 64 to 512 rows), are the same bits. (On the AMX machine these passed with
+    oneDNN on as well: its M-dependent roundings are rare; the test above catches that cause.)"""
     model = request.getfixturevalue(model_name)
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, 2040, (40,), generator=g).tolist()
@@ -290,9 +270,9 @@ def test_rl_parity_prompt_logits_do_not_depend_on_the_step_size(request, model_n
 @pytest.mark.parametrize("model_name", ["qwen", "kimi"])
 def test_rl_parity_under_mixed_load_and_neighbours_preempted(request, model_name) -> None:
     """Issue 18, defect 1: under load one request's logprobs (not its ids) drifted in the last bits. The cause, on
-    AMX / AVX-512-BF16 CPUs (not on AVX2 ones): oneDNN's bf16 GEMMs choose their blocking by M, and Kimi's dense down
-    projection ([M, 512] x [512, 256]) gave other bits for most M between 37 and 512; shape-stable steps now run
-    with oneDNN off (parityrt/engine/model_runner.py). The reference is each request alone on an idle engine."""
+    AMX / AVX-512-BF16 CPUs (not on AVX2 ones): oneDNN's bf16 GEMMs choose their blocking by M, and the 16-wide K
+    tiles of rl_parity's down projections gave a row other bits for some M; shape-stable steps now run with oneDNN
+    off (parityrt/engine/model_runner.py). The reference is each request alone on an idle engine."""
     model = request.getfixturevalue(model_name)
     reqs = _load_requests(8, seed=18)
     alone = [_all_bits(e, e.generate([r]))[0] for r in reqs for e in [_engine(model, "rl_parity")]]

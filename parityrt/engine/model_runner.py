@@ -14,7 +14,7 @@ multiple of STABLE_ROWS tokens, so token-wise ops have no tail and fp32 GEMMs st
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,6 +25,7 @@ from parityrt.engine.cuda_graph import DecodeGraphs
 from parityrt.engine.sampler import sampling_tensors
 from parityrt.engine.scheduler import Sequence
 from parityrt.layers.cache import ForwardBatch
+from parityrt.numerics import onednn
 
 STABLE_ROWS = 64  # a multiple of the vector step of bf16/fp32 kernels; above the GEMM thresholds for K·N >= 65
 TopList = list[tuple[float, int]]
@@ -37,17 +38,6 @@ class SeqResult:
     input_lp: dict[int, tuple[float, TopList | None, TopList | None]]  # prompt positions scored in this step
     routed: dict[int, list[list[int]]]
     logits: dict[int, torch.Tensor]
-
-
-@contextmanager
-def reference_gemms(on: bool) -> Iterator[None]:
-    """oneDNN off while `on` (not torch.backends.mkldnn.flags, which also resets its TF32 switch and warns)."""
-    saved = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = saved and not on
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = saved
 
 
 def samples(seq: Sequence, p: int) -> bool:
@@ -81,7 +71,8 @@ class ModelRunner:
             caches.append(seq.cache)
         if self.shape_stable and (pad := -sum(lens) % STABLE_ROWS):
             ids, pos, lens, caches = ids + [0] * pad, pos + list(range(pad)), lens + [pad], caches + [None]
-        with reference_gemms(self.shape_stable and self.device.type == "cpu"), self._capture_routes(want_routes) as routes:
+        gemms = onednn(False) if self.shape_stable and self.device.type == "cpu" else nullcontext()
+        with gemms, self._capture_routes(want_routes) as routes:
             h = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), ForwardBatch(lens, caches))
             rows, owners = self._logit_rows(batch, h.shape[0])
             logits = self.model.compute_logits(h[torch.tensor(rows, dtype=torch.long, device=self.device)]) if rows else None
