@@ -1,8 +1,15 @@
 """Causal GQA attention over a query block that starts at position `past` of its sequence.
-q_BHSD: [B, Hq, S, D]; k_BHLD, v_BHLD: [B, Hkv, L, D] with L = past + S (cached keys first).
-Torch references (eager, sdpa, the split-KV mirror) and the fixed split-KV Triton kernel (attention_split_kv)."""
+
+Per sequence: q_BHSD [B, Hq, S, D]; k_BHLD, v_BHLD [B, Hkv, L, D] with L = past + S (cached keys first): the torch
+references (eager, sdpa, the split-KV mirror). Over a varlen batch (what the layers call): q_THD [T, Hq, D], the
+key and value stores k_NHD / v_NHD [rows, Hkv, D], and per sequence its query rows (cu_seqlens_q), its key rows in
+position order (kv_rows_N from cu_seqlens_k) and its key count (kv_lens_B): attention_varlen_ref runs a reference
+once per sequence on exactly that sequence's tensors; attention_split_kv_varlen is the fixed split-KV Triton kernel,
+one launch for the batch (attention_split_kv is its dense form)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,28 +24,16 @@ def _causal_mask(S: int, L: int, device: torch.device) -> torch.Tensor:
     return torch.ones(S, L, dtype=torch.bool, device=device).tril(L - S)
 
 
-def _key_mask(key_lens_B: torch.Tensor, L: int) -> torch.Tensor:
-    # decode over padded keys [B, H, L, D]: sequence b sees its first key_lens_B[b] keys; [B, 1, 1, L]
-    return (torch.arange(L, device=key_lens_B.device)[None, :] < key_lens_B[:, None])[:, None, None, :]
-
-
 def eager_attention_ref(
-    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, kv_block: int = 0,
-    key_lens_B: torch.Tensor | None = None,
+    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, kv_block: int = 0
 ) -> torch.Tensor:
     """transformers' eager attention: scores as a model-dtype matmul times the scale, masked, fp32 softmax
     rounded back to the model dtype, then a model-dtype matmul with V. Masked entries become exactly zero
     probability (HF adds dtype-min, which also underflows to zero in the fp32 softmax).
     kv_block > 0: the key axis is padded with masked keys to a multiple of kv_block, so a query row has the same
     length and memory layout whether it is computed in a prefill chunk or in decode (vectorised exp and the PV
-    reduction then treat each key alike); 0 keeps transformers' exact row length.
-    key_lens_B (decode, S = 1): the keys are padded per sequence (CUDA-graph decode) and sequence b sees its first
-    key_lens_B[b]; the row is then as long as the padded keys, so its bits may differ from an unpadded row's."""
+    reduction then treat each key alike); 0 keeps transformers' exact row length."""
     S, L = q_BHSD.shape[2], k_BHLD.shape[2]
-    if key_lens_B is not None:
-        if S != 1:
-            raise ValueError(f"key_lens_B is for decode (one query per sequence), got {S} queries")
-        kv_block = 0  # the keys are already padded
     groups = q_BHSD.shape[1] // k_BHLD.shape[1]
     k = k_BHLD.repeat_interleave(groups, dim=1)
     v = v_BHLD.repeat_interleave(groups, dim=1)
@@ -46,25 +41,34 @@ def eager_attention_ref(
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
     scores = torch.matmul(q_BHSD, k.transpose(2, 3)) * scale
-    if key_lens_B is not None:
-        scores = scores.masked_fill(~_key_mask(key_lens_B, L), torch.finfo(scores.dtype).min)
-    elif S > 1 or pad:
+    if S > 1 or pad:
         visible = F.pad(_causal_mask(S, L, q_BHSD.device), (0, pad))
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_BHSD.dtype)
     return torch.matmul(probs, v)
 
 
-def sdpa_attention(q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float,
-                   key_lens_B: torch.Tensor | None = None) -> torch.Tensor:
+def sdpa_attention(q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float) -> torch.Tensor:
     S, L = q_BHSD.shape[2], k_BHLD.shape[2]
-    if key_lens_B is not None:
-        if S != 1:
-            raise ValueError(f"key_lens_B is for decode (one query per sequence), got {S} queries")
-        mask = _key_mask(key_lens_B, L)
-    else:
-        mask = _causal_mask(S, L, q_BHSD.device) if S > 1 else None
+    mask = _causal_mask(S, L, q_BHSD.device) if S > 1 else None
     return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def attention_varlen_ref(
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], q_THD: torch.Tensor,
+    k_NHD: torch.Tensor, v_NHD: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_rows_N: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, kv_lens_B: torch.Tensor,
+) -> torch.Tensor:
+    """A per-sequence reference over a varlen batch: `attend` (q_BHSD, k_BHLD, v_BHLD -> o_BHSD) once per sequence
+    with B = 1 on exactly its queries and keys, contiguous, as a sequence computed alone hands them (the batch
+    never changes a reference's shapes, hence its bits). Returns o [T, Hq, Dv]. The loop is the reference's."""
+    cu_q, cu_k, lens = cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), kv_lens_B.tolist()
+    outs = []
+    for b, n in enumerate(lens):
+        rows = kv_rows_N[cu_k[b] : cu_k[b] + n]
+        q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q_THD[cu_q[b] : cu_q[b + 1]], k_NHD[rows], v_NHD[rows]))
+        outs.append(attend(q, k, v)[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q_THD.new_empty(0, q_THD.shape[1], v_NHD.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,21 +120,23 @@ def attention_split_kv_ref(
 
 @triton.jit
 def _attend_block(
-    q, m, l, acc, k_base, v_base, sk_l, sv_l, lo, L, q_pos, keys, dqk, dv, scale,
+    q, m, l, acc, k_ptr, v_ptr, rows_ptr, sk_n, sv_n, lo, L, q_pos, keys, dqk, dv, scale,
     DQK: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, BF16_MMA: tl.constexpr,
 ):
     """One block of SPLIT keys starting at absolute key position `lo`: the online-softmax update of (m, l, acc).
+    Key position j of the sequence is store row rows_ptr[j] (k_ptr, v_ptr already point at the kv head).
     MASKED=False only for blocks every row of the tile sees whole (no key >= L, none in a row's future); the
     masked path would give the same bits there (where() keeps every score), it only costs more."""
     key = lo + keys
     if MASKED:
         key_ok = key < L
-        kT_mask = key_ok[None, :] & (dqk[:, None] < DQK)
-        kT = tl.load(k_base + key[None, :] * sk_l + dqk[:, None], mask=kT_mask, other=0.0)
-        v = tl.load(v_base + key[:, None] * sv_l + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        row = tl.load(rows_ptr + key, mask=key_ok, other=0)
+        kT = tl.load(k_ptr + row[None, :] * sk_n + dqk[:, None], mask=key_ok[None, :] & (dqk[:, None] < DQK), other=0.0)
+        v = tl.load(v_ptr + row[:, None] * sv_n + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
     else:
-        kT = tl.load(k_base + key[None, :] * sk_l + dqk[:, None], mask=dqk[:, None] < DQK, other=0.0)
-        v = tl.load(v_base + key[:, None] * sv_l + dv[None, :], mask=dv[None, :] < DV, other=0.0)
+        row = tl.load(rows_ptr + key)
+        kT = tl.load(k_ptr + row[None, :] * sk_n + dqk[:, None], mask=dqk[:, None] < DQK, other=0.0)
+        v = tl.load(v_ptr + row[:, None] * sv_n + dv[None, :], mask=dv[None, :] < DV, other=0.0)
     if BF16_MMA:
         s = tl.dot(q, kT)  # bf16 products, fp32 accumulation in the MMA's own order over the fixed BLOCK_DQK
     else:
@@ -152,10 +158,8 @@ def _attend_block(
 
 @triton.jit
 def _attention_split_kv_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr,
-    sq_b, sq_h, sq_s, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_s,
-    S, L, lens_ptr, Hkv, scale,
-    PER_SEQ_L: tl.constexpr,  # decode over padded keys: L of batch row b is lens_ptr[b] (S = 1)
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, rows_ptr, cu_k_ptr, lens_ptr,
+    sq_t, sq_h, sk_n, sk_h, sv_n, sv_h, so_t, so_h, Hkv, scale,
     G: tl.constexpr,  # query heads per kv head; a tile's rows are (query, head-in-group) pairs sharing K/V loads
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -163,21 +167,26 @@ def _attention_split_kv_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
+    b = pid_bh // Hkv
     hkv = (pid_bh % Hkv).to(tl.int64)
-    if PER_SEQ_L:
-        L = tl.load(lens_ptr + b)
+    q_start = tl.load(cu_q_ptr + b)
+    S = tl.load(cu_q_ptr + b + 1) - q_start
+    if pid_m * BLOCK_M >= S * G:  # the grid covers the longest sequence of the batch
+        return
+    L = tl.load(lens_ptr + b)
+    rows_ptr += tl.load(cu_k_ptr + b)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # over S * G rows: row = query * G + head-in-group
     row_ok = rows < S * G
     s_idx = tl.minimum(rows // G, S - 1)  # padding rows act as the last query (finite math, never stored)
     head = hkv * G + rows % G
     q_pos = L - S + s_idx  # absolute position: this row sees keys 0..q_pos
+    t_idx = (q_start + s_idx).to(tl.int64)
 
     dqk = tl.arange(0, BLOCK_DQK)
     dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = q_ptr + b * sq_b + head[:, None] * sq_h + s_idx[:, None] * sq_s + dqk[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (dqk[None, :] < DQK), other=0.0)
+    q = tl.load(q_ptr + t_idx[:, None] * sq_t + head[:, None] * sq_h + dqk[None, :],
+                mask=row_ok[:, None] & (dqk[None, :] < DQK), other=0.0)
     if not BF16_MMA:
         q = q.to(tl.float32)
 
@@ -185,8 +194,8 @@ def _attention_split_kv_kernel(
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     keys = tl.arange(0, SPLIT)
-    k_base = k_ptr + b * sk_b + hkv * sk_h
-    v_base = v_ptr + b * sv_b + hkv * sv_h
+    k_base = k_ptr + hkv * sk_h
+    v_base = v_ptr + hkv * sv_h
     # blocks [0, full) are seen whole by every row of the tile (its first query sees keys 0..L-S+first);
     # blocks [full, hi) need the causal mask; blocks past the tile's last query are invisible to all its rows and
     # skipped. Those bounds change the work, never a row's bits: a block that adds nothing to a row is an exact
@@ -196,14 +205,14 @@ def _attention_split_kv_kernel(
     full = (L - S + first + 1) // SPLIT * SPLIT
     hi = L - S + last + 1
     for lo in range(0, full, SPLIT):
-        m, l, acc = _attend_block(q, m, l, acc, k_base, v_base, sk_l, sv_l, lo, L, q_pos, keys, dqk, dv, scale,
-                                  DQK, DV, False, BF16_MMA)
+        m, l, acc = _attend_block(q, m, l, acc, k_base, v_base, rows_ptr, sk_n, sv_n, lo, L, q_pos, keys, dqk, dv,
+                                  scale, DQK, DV, False, BF16_MMA)
     for lo in range(full, hi, SPLIT):
-        m, l, acc = _attend_block(q, m, l, acc, k_base, v_base, sk_l, sv_l, lo, L, q_pos, keys, dqk, dv, scale,
-                                  DQK, DV, True, BF16_MMA)
+        m, l, acc = _attend_block(q, m, l, acc, k_base, v_base, rows_ptr, sk_n, sv_n, lo, L, q_pos, keys, dqk, dv,
+                                  scale, DQK, DV, True, BF16_MMA)
 
     o = acc / l[:, None]
-    o_ptrs = o_ptr + b * so_b + head[:, None] * so_h + s_idx[:, None] * so_s + dv[None, :]
+    o_ptrs = o_ptr + t_idx[:, None] * so_t + head[:, None] * so_h + dv[None, :]
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
@@ -222,13 +231,17 @@ def _tile(block_dqk: int, block_dv: int) -> tuple[int, int, int]:
     return 64, 8, 1
 
 
-def attention_split_kv(
-    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, split: int = 64,
-    key_lens_B: torch.Tensor | None = None,
+def attention_split_kv_varlen(
+    q_THD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    kv_rows_N: torch.Tensor, cu_seqlens_k: torch.Tensor, kv_lens_B: torch.Tensor, max_q: int, scale: float,
+    split: int = 64,
 ) -> torch.Tensor:
-    """Causal GQA attention with a fixed split-KV order. q [B, Hq, S, Dqk] at absolute positions L-S..L-1;
-    k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv] (cached keys first); Hkv divides Hq; Dqk may differ from Dv (MLA)
-    and neither needs to be a power of two (zero-padded lanes add exact zeros). Returns o [B, Hq, S, Dv].
+    """Causal GQA attention with a fixed split-KV order over a varlen batch, one launch. q [T, Hq, Dqk]; the stores
+    k [rows, Hkv, Dqk], v [rows, Hkv, Dv] (v may be a strided view of k: MLA's latent); sequence b has queries
+    cu_seqlens_q[b]..[b + 1] at absolute positions kv_lens_B[b] - S_b.., and keys kv_rows_N[cu_seqlens_k[b] + j]
+    for positions j < kv_lens_B[b] (int32 metadata, int64 rows; all read on the device, so the launch has no host
+    sync and a CUDA graph can replay it). max_q: the longest query run (sizes the grid). Hkv divides Hq; Dqk may
+    differ from Dv and neither needs to be a power of two (zero-padded lanes add exact zeros). Returns o [T, Hq, Dv].
 
     Per query row, keys are taken in blocks of `split` starting at key 0, in ascending order, with an online
     softmax in fp32: s = dot(q, k) * scale (fp32 accumulation), invisible keys -> -inf, m' = max(m, rowmax s),
@@ -237,29 +250,28 @@ def attention_split_kv(
     every dot on fp32 values (ieee); bf16 inputs on a GPU use bf16 MMA operands for q·kᵀ and p rounded to bf16
     for p·v (l sums the unrounded fp32 p), accumulating in fp32.
     Block boundaries are absolute key positions and a row's op sequence depends on neither S, the chunking,
-    the batch nor its place in the tile (fixed tile from the head dims), so a token's output is bitwise the same
-    in a prefill of any length or chunking and in decode (S = 1). attention_split_kv_ref is the torch mirror.
-    key_lens_B (int32 [B], decode with S = 1): the keys are padded per sequence (CUDA-graph decode reads a fixed
-    [B, Hkv, L_max, D] buffer) and sequence b attends to its first key_lens_B[b]; read on the device (no host sync),
-    and the key blocks past a sequence's length are skipped, so its bits are those of the unpadded call."""
-    check_device(q_BHSD, k_BHLD, v_BHLD)
-    B, Hq, S, DQK = q_BHSD.shape
-    _, Hkv, L, DV = v_BHLD.shape
-    if k_BHLD.shape != (B, Hkv, L, DQK) or v_BHLD.shape[0] != B or Hq % Hkv:
-        raise ValueError(f"shapes q {tuple(q_BHSD.shape)}, k {tuple(k_BHLD.shape)}, v {tuple(v_BHLD.shape)} do not fit")
-    if L < S:
-        raise ValueError(f"{S} queries need at least as many keys, got {L}")
-    if key_lens_B is not None and (S != 1 or key_lens_B.shape != (B,) or key_lens_B.dtype != torch.int32):
-        raise ValueError(f"key_lens_B must be int32 [B = {B}] with one query per sequence, got "
-                         f"{key_lens_B.dtype} {tuple(key_lens_B.shape)} and {S} queries")
+    the batch, where its keys are stored nor its place in the tile (fixed tile from the head dims), so a token's
+    output is bitwise the same in a prefill of any length or chunking and in decode. attention_split_kv_ref is the
+    torch mirror."""
+    check_device(q_THD, k_NHD, v_NHD, cu_seqlens_q, kv_rows_N, cu_seqlens_k, kv_lens_B)
+    T, Hq, DQK = q_THD.shape
+    _, Hkv, DV = v_NHD.shape
+    B = kv_lens_B.shape[0]
+    if k_NHD.shape[1:] != (Hkv, DQK) or k_NHD.shape[0] != v_NHD.shape[0] or Hq % Hkv:
+        raise ValueError(f"shapes q {tuple(q_THD.shape)}, k {tuple(k_NHD.shape)}, v {tuple(v_NHD.shape)} do not fit")
+    meta = {"cu_seqlens_q": (cu_seqlens_q, torch.int32, B + 1), "cu_seqlens_k": (cu_seqlens_k, torch.int32, B + 1),
+            "kv_lens_B": (kv_lens_B, torch.int32, B), "kv_rows_N": (kv_rows_N, torch.int64, None)}
+    for name, (t, dtype, n) in meta.items():
+        if t.dtype != dtype or t.dim() != 1 or (n is not None and t.shape[0] != n):
+            raise ValueError(f"{name} must be {dtype} [{n if n is not None else 'N'}], got {t.dtype} {tuple(t.shape)}")
     if split < 16 or split > 256 or split & (split - 1):
         raise ValueError(f"split must be a power of two in [16, 256], got {split}")
-    dtype = q_BHSD.dtype
-    if dtype not in (torch.float32, torch.bfloat16) or k_BHLD.dtype != dtype or v_BHLD.dtype != dtype:
-        raise ValueError(f"q, k, v must share one dtype, fp32 or bf16: {q_BHSD.dtype}, {k_BHLD.dtype}, {v_BHLD.dtype}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BHSD, k_BHLD, v_BHLD))
-    o = torch.empty((B, Hq, S, DV), dtype=store_dtype(dtype, q.device), device=q.device)
-    if B * S == 0:
+    dtype = q_THD.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or k_NHD.dtype != dtype or v_NHD.dtype != dtype:
+        raise ValueError(f"q, k, v must share one dtype, fp32 or bf16: {q_THD.dtype}, {k_NHD.dtype}, {v_NHD.dtype}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_THD, k_NHD, v_NHD))
+    o = torch.empty((T, Hq, DV), dtype=store_dtype(dtype, q.device), device=q.device)
+    if T == 0:
         return finish(o, dtype)
     G = Hq // Hkv
     block_dqk, block_dv = pow2_at_least(DQK), pow2_at_least(DV)
@@ -269,14 +281,42 @@ def attention_split_kv(
         raise ValueError(f"attention_split_kv: head dims {DQK}/{DV} are wider than the 256 its GPU tiles fit in "
                          f"shared memory; for absorbed MLA use attention.impl=sdpa or mla.absorb=false")
     block_m, num_warps, num_stages = _tile(block_dqk, block_dv)
-    grid = (triton.cdiv(S * G, block_m), B * Hkv)
+    grid = (triton.cdiv(max_q * G, block_m), B * Hkv)
     _attention_split_kv_kernel[grid](
-        q, k, v, o,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        S, L, q if key_lens_B is None else key_lens_B, Hkv, scale,
-        PER_SEQ_L=key_lens_B is not None, G=G, DQK=DQK, DV=DV, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, SPLIT=split, BLOCK_M=block_m,
+        q, k, v, o, cu_seqlens_q, kv_rows_N, cu_seqlens_k, kv_lens_B,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        Hkv, scale, G=G, DQK=DQK, DV=DV, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, SPLIT=split, BLOCK_M=block_m,
         BF16_MMA=q.device.type == "cuda" and dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     return finish(o, dtype)
+
+
+def attention_split_kv(
+    q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float, split: int = 64,
+    key_lens_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """attention_split_kv_varlen on dense per-sequence tensors: q [B, Hq, S, Dqk] at absolute positions
+    L-S..L-1, k [B, Hkv, L, Dqk], v [B, Hkv, L, Dv] (cached keys first); returns o [B, Hq, S, Dv].
+    key_lens_B (int32 [B], S = 1): the keys are padded per sequence and sequence b attends to its first
+    key_lens_B[b]; the key blocks past a sequence's length are skipped, so its bits are those of the unpadded call."""
+    B, Hq, S, DQK = q_BHSD.shape
+    _, Hkv, L, DV = v_BHLD.shape
+    if k_BHLD.shape != (B, Hkv, L, DQK) or v_BHLD.shape[0] != B or Hq % Hkv:
+        raise ValueError(f"shapes q {tuple(q_BHSD.shape)}, k {tuple(k_BHLD.shape)}, v {tuple(v_BHLD.shape)} do not fit")
+    if L < S:
+        raise ValueError(f"{S} queries need at least as many keys, got {L}")
+    dev = q_BHSD.device
+    if B * S == 0:
+        return q_BHSD.new_empty(B, Hq, S, DV)
+    if key_lens_B is None:
+        key_lens_B = torch.full((B,), L, dtype=torch.int32, device=dev)
+    elif S != 1 or key_lens_B.shape != (B,) or key_lens_B.dtype != torch.int32:
+        raise ValueError(f"key_lens_B must be int32 [B = {B}] with one query per sequence, got "
+                         f"{key_lens_B.dtype} {tuple(key_lens_B.shape)} and {S} queries")
+    o = attention_split_kv_varlen(
+        q_BHSD.transpose(1, 2).reshape(B * S, Hq, DQK), k_BHLD.transpose(1, 2).reshape(B * L, Hkv, DQK),
+        v_BHLD.transpose(1, 2).reshape(B * L, Hkv, DV), torch.arange(0, B * S + 1, S, dtype=torch.int32, device=dev),
+        torch.arange(B * L, device=dev), torch.arange(0, B * L + 1, L, dtype=torch.int32, device=dev)[:B + 1],
+        key_lens_B, S, scale, split)
+    return o.view(B, S, Hq, DV).transpose(1, 2)

@@ -1,5 +1,6 @@
 """Real tensor parallelism: one process per rank. Rank 0 owns the loop and sends every model call to the others,
-which mirror it on their shards (each with its own caches). A rank that dies ends the job with a clear error.
+which mirror it on their shards: each forward carries rank 0's varlen batch (the rows and slots it addresses), and
+each rank keeps stores of the same size for its shard. A rank that dies ends the job with a clear error.
 
 Started either by our launcher (rank 0 spawns ranks 1..N-1 on this host) or by torchrun (every rank runs the
 script; env:// rendezvous, so multi-node works); in both cases ranks 1..N-1 never return from `load_tp_model`.
@@ -23,7 +24,7 @@ from torch import nn
 
 from parityrt.config import RunConfig
 from parityrt.distributed import TPInfo, tp_context
-from parityrt.layers.cache import ForwardBatch, StateCache
+from parityrt.layers.cache import ForwardBatch, Stores
 from parityrt.numerics import NumericsPolicy, apply_process_settings, bind, onednn
 
 
@@ -57,9 +58,7 @@ class TPDriver:
         self._freed.clear()
         dist.broadcast_object_list(obj, src=0)
 
-    def _key(self, cache: StateCache | None) -> int | None:
-        if cache is None:
-            return None
+    def _key(self, cache: Stores) -> int:
         key = id(cache)
         if key not in self._tracked:
             self._tracked.add(key)
@@ -71,8 +70,10 @@ class TPDriver:
         self._freed.append(key)
 
     def __call__(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        keys = [self._key(c) for c in batch.caches]
-        self._send(("forward", torch.backends.mkldnn.enabled, ids_T.cpu(), pos_T.cpu(), batch.lens, keys))
+        # the batch's tensors on the CPU; its stores by identity (a rank's stores live as long as rank 0's)
+        fields = {f: getattr(batch, f).cpu() for f in _BATCH_TENSORS}
+        stores = (self._key(batch.cache), batch.cache.rows, batch.cache.slots)
+        self._send(("forward", torch.backends.mkldnn.enabled, ids_T.cpu(), pos_T.cpu(), batch.lens, fields, stores))
         return self.model(ids_T, pos_T, batch)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -97,8 +98,11 @@ class TPDriver:
             p.join(timeout=30)
 
 
+_BATCH_TENSORS = ("cu_seqlens_q", "slot_mapping_T", "kv_rows_N", "cu_seqlens_k", "kv_lens_B", "state_slot_B", "has_state_B")
+
+
 def worker_loop(model: nn.Module, device: str) -> None:
-    caches: dict[int, StateCache] = {}
+    caches: dict[int, Stores] = {}
     while True:
         obj: list[Any] = [None]
         try:
@@ -120,8 +124,9 @@ def worker_loop(model: nn.Module, device: str) -> None:
         # (parityrt/engine/model_runner.py), and every rank must take the same GEMM kernels
         with onednn(msg[1]), torch.inference_mode():
             if kind == "forward":
-                _, _, ids, pos, lens, keys = msg
-                batch = ForwardBatch(lens, [None if k is None else caches.setdefault(k, StateCache()) for k in keys])
+                _, _, ids, pos, lens, fields, (key, rows, slots) = msg
+                stores = caches.setdefault(key, Stores(rows, slots, device))
+                batch = ForwardBatch(lens, **{f: t.to(device) for f, t in fields.items()}, cache=stores)
                 model(ids.to(device), pos.to(device), batch)
             elif kind == "logits":
                 model.compute_logits(msg[2].to(device))

@@ -94,12 +94,17 @@ def make_hf_deepseek(hf_cfg: dict, seed: int):
     return model.eval()
 
 
-def model_logits(model, ids_BS: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
-    """Logits [B, S, V] of B equal-length sequences through our varlen forward (positions start..start+S-1)."""
+def model_logits(model, ids_BS: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+    """Logits [B, S, V] of B equal-length sequences through our varlen forward (positions start..start+S-1):
+    standalone, or continuing the B sequences of `cache` (a layers.cache.SequenceCache) by S tokens each."""
     from parityrt.layers.cache import ForwardBatch
 
     B, S = ids_BS.shape
     pos_T = (torch.arange(S) + start).repeat(B)
+    device = next(model.parameters()).device
+    if cache is not None and cache.cached != [start] * B:
+        raise ValueError(f"the cache holds {cache.cached} tokens per sequence, the call starts at {start}")
+    batch = ForwardBatch.packed([S] * B, device) if cache is None else cache.batch([S] * B)
     with torch.no_grad():
-        h = model(ids_BS.reshape(-1), pos_T, ForwardBatch.uniform(B, S, caches))
+        h = model(ids_BS.reshape(-1).to(device), pos_T.to(device), batch)
         return model.compute_logits(h).view(B, S, -1)

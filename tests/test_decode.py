@@ -7,7 +7,7 @@ import torch
 
 from hf_reference import model_logits, tiny_model_config
 from parityrt.config import load_preset
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import SequenceCache
 from parityrt.numerics import bind, with_ops
 from parityrt.weights import build_model
 
@@ -17,10 +17,10 @@ SEQ, PREFILL = 40, 13
 def _full_and_decoded(model) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(0, model.args.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(3))
     full = model_logits(model, ids)
-    caches = [StateCache(), StateCache()]
-    steps = [model_logits(model, ids[:, :PREFILL], caches)]
+    cache = SequenceCache(2, SEQ)
+    steps = [model_logits(model, ids[:, :PREFILL], cache)]
     for t in range(PREFILL, SEQ):
-        steps.append(model_logits(model, ids[:, t : t + 1], caches, start=t))
+        steps.append(model_logits(model, ids[:, t : t + 1], cache, start=t))
     return full, torch.cat(steps, dim=1)
 
 

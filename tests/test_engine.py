@@ -20,7 +20,7 @@ from parityrt.config import EngineConfig, load_preset
 from parityrt.engine.engine import Engine
 from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
 from parityrt.generation import parse_records
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import ForwardBatch, SequenceCache
 from parityrt.numerics import bind, onednn, with_ops
 from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model
@@ -115,13 +115,22 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def test_paged_cache_returns_what_the_plain_cache_returns(qwen) -> None:
+    """A sequence on pages handed out in reverse (rows scattered through the store) computes what it computes on
+    contiguous rows, and freeing returns every page and slot."""
     bind(qwen, load_preset("rl_parity"))
     ids = torch.randint(0, 2048, (1, 30), generator=torch.Generator().manual_seed(1))
-    pool, states = KVPool(64, 4, "cpu"), StatePool(2, "cpu")
-    paged, plain = PagedCache(pool, states), StateCache()
+    states = StatePool(2)
+    pool = KVPool(64, 4, states.slots + 1, "cpu")
+    paged, plain = PagedCache(pool, states), SequenceCache(1, 30)
     assert paged.reserve(30)
-    a = torch.cat([model_logits(qwen, ids[:, :13], [paged]), model_logits(qwen, ids[:, 13:], [paged], start=13)], 1)
-    b = torch.cat([model_logits(qwen, ids[:, :13], [plain]), model_logits(qwen, ids[:, 13:], [plain], start=13)], 1)
+
+    def paged_logits(lo: int, hi: int) -> torch.Tensor:
+        step = ForwardBatch.from_pages([(paged.pages, paged.slot, lo, hi - lo)], pool.page_size, pool.stores, "cpu")
+        with torch.no_grad():
+            return qwen.compute_logits(qwen(ids[0, lo:hi], torch.arange(lo, hi), step))[None]
+
+    a = torch.cat([paged_logits(0, 13), paged_logits(13, 30)], 1)
+    b = torch.cat([model_logits(qwen, ids[:, :13], plain), model_logits(qwen, ids[:, 13:], plain, start=13)], 1)
     assert torch.equal(a, b)
     paged.free()
     assert len(pool.free_pages) == pool.num_pages and len(states.free_slots) == 2

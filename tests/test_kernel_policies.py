@@ -12,7 +12,7 @@ import torch
 import kernels._triton
 from hf_reference import model_logits, tiny_model_config
 from parityrt.config import load_preset
-from parityrt.layers.cache import StateCache
+from parityrt.layers.cache import SequenceCache
 from parityrt.numerics import bind, with_ops
 from parityrt.runtime import check_kernels
 from parityrt.weights import build_model
@@ -71,10 +71,10 @@ def test_rl_parity_gpu_is_batch_and_decode_invariant_on_the_kernels(cache_dir, n
     batched = model_logits(model, ids)
     alone = model_logits(model, ids[:1])
     assert torch.equal(alone[0], batched[0])
-    cache = StateCache()
-    steps = [model_logits(model, ids[:1, :4], [cache])]
+    cache = SequenceCache(1, 6)
+    steps = [model_logits(model, ids[:1, :4], cache)]
     for t in range(4, 6):
-        steps.append(model_logits(model, ids[:1, t : t + 1], [cache], start=t))
+        steps.append(model_logits(model, ids[:1, t : t + 1], cache, start=t))
     assert torch.equal(torch.cat(steps, dim=1), alone)
 
 

@@ -11,7 +11,7 @@ from hf_reference import export_checkpoint, load_hf, make_hf_deepseek, model_log
 from kernels.int4 import dequant_int4_ref, pack_int4
 from parityrt.config import ModelConfig, load_preset
 from parityrt.int4_checkpoint import write_int4_pair
-from parityrt.layers.cache import ForwardBatch, StateCache
+from parityrt.layers.cache import ForwardBatch, SequenceCache
 from parityrt.numerics import bind, with_ops
 from parityrt.weights import build_model
 
@@ -75,7 +75,7 @@ def test_mla_absorb_is_a_real_knob(tiny) -> None:
     for absorb in (False, True):
         bind(model, with_ops(load_preset("hf_eager"), mla={"absorb": absorb}))
         with torch.no_grad():
-            outs.append(attn(x, (cos[0], sin[0]), ForwardBatch.uniform(*ids.shape)))
+            outs.append(attn(x, (cos[0], sin[0]), ForwardBatch.packed([ids.shape[1]] * ids.shape[0], "cpu")))
     assert not torch.equal(outs[0], outs[1])
     assert (outs[0].float() - outs[1].float()).abs().max().item() <= 2**-5 * outs[0].float().abs().max().item()
 
@@ -86,12 +86,14 @@ def test_decode_with_latent_cache(tiny, absorb) -> None:
     for dtype, model in tiny.items():
         bind(model, with_ops(load_preset("hf_eager"), mla={"absorb": absorb}))
         full = _logits(model, ids)
-        caches = [StateCache(), StateCache()]
-        steps = [model_logits(model, ids[:, :prefill], caches)]
+        cache = SequenceCache(2, ids.shape[1])
+        steps = [model_logits(model, ids[:, :prefill], cache)]
         for t in range(prefill, ids.shape[1]):
-            steps.append(model_logits(model, ids[:, t : t + 1], caches, start=t))
+            steps.append(model_logits(model, ids[:, t : t + 1], cache, start=t))
         decoded = torch.cat(steps, dim=1)
-        assert caches[0].kv[0][0].shape == (1, 1, 30, 64)  # the cache holds the latent, not per-head K/V
+        # the cache holds the latent and the rope key (one row of C + R per token), not per-head K/V
+        mla = model.layers[0].self_attn
+        assert cache.stores.k[0].shape == (60, 1, mla.kv_lora_rank + mla.rope_dim) and 0 not in cache.stores.v
         if dtype == "float32":
             assert (decoded - full).abs().max().item() <= 1e-5 * max(1.0, full.abs().max().item())
         elif not absorb:  # expanded MLA with eager attention: the same bf16 ops in prefill and decode

@@ -130,7 +130,7 @@ def _in_process(name: str, cache_dir: Path, tp: int) -> dict[str, torch.Tensor]:
     for policy in POLICIES:
         bind(model, load_preset(policy))
         with torch.no_grad():
-            out[policy] = model.compute_logits(model(ids, pos, ForwardBatch(LENS, [None] * len(LENS)))).float()
+            out[policy] = model.compute_logits(model(ids, pos, ForwardBatch.packed(LENS, pos.device))).float()
     return out
 
 

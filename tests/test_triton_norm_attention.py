@@ -13,7 +13,13 @@ import triton
 import triton.language as tl
 
 from kernels._triton import round_bf16
-from kernels.attention import attention_split_kv, attention_split_kv_ref, eager_attention_ref
+from kernels.attention import (
+    attention_split_kv,
+    attention_split_kv_ref,
+    attention_split_kv_varlen,
+    attention_varlen_ref,
+    eager_attention_ref,
+)
 from kernels.norm import add_rms_norm_ref, add_rms_norm_triton, rms_norm_ref, rms_norm_triton
 
 EPS = 1e-6
@@ -207,13 +213,42 @@ def test_attention_over_padded_keys_is_each_sequence_alone():
     key_lens = torch.tensor(lens, dtype=torch.int32)
     torch.testing.assert_close(padded, attention_split_kv_ref(q, k, v, Dqk**-0.5, split, key_lens_B=key_lens),
                                rtol=1e-5, atol=5e-6)
-    # the torch impls mask the padded keys instead (v zeroed there: eager multiplies 0-probabilities by it)
-    for b, n in enumerate(lens):
-        v[b, :, n:] = 0.0
-    eager = eager_attention_ref(q, k, v, Dqk**-0.5, key_lens_B=key_lens)
-    torch.testing.assert_close(eager, padded, rtol=1e-5, atol=5e-6)
     with pytest.raises(ValueError, match="int32"):
         attention_split_kv(q, k, v, 0.1, split, key_lens.long())
+
+
+def test_varlen_attention_reads_scattered_keys_and_is_each_sequence_alone():
+    """One launch over a batch mixing a fresh prompt, a chunk continuing a cached prefix and decode rows, with the
+    keys at scattered store rows: each sequence's bits are its dense call alone, and the per-sequence reference
+    (eager) agrees to fp32 noise."""
+    Hq, Hkv, D, split = 6, 2, 48, 16
+    runs = [(0, 21), (30, 9), (40, 1), (1, 1)]  # (cached keys, new queries) per sequence
+    g = torch.Generator().manual_seed(4)
+    dense = [tuple(_qkv(1, Hq, Hkv, n, past + n, D, D, seed=past + n)) for past, n in runs]
+    rows_total = sum(past + n for past, n in runs)
+    perm = torch.randperm(rows_total + 7, generator=g)[:rows_total]  # where each key lives in the store
+    k_NHD = torch.full((rows_total + 7, Hkv, D), float("nan"))
+    v_NHD = torch.full((rows_total + 7, Hkv, D), float("nan"))
+    q_parts, cu_q, cu_k, lens, start = [], [0], [0], [], 0
+    for (q, k, v), (past, n) in zip(dense, runs):
+        rows = perm[start : start + past + n]
+        k_NHD[rows], v_NHD[rows] = k[0].transpose(0, 1), v[0].transpose(0, 1)
+        q_parts.append(q[0].transpose(0, 1))
+        start += past + n
+        cu_q.append(cu_q[-1] + n)
+        cu_k.append(start)
+        lens.append(past + n)
+    meta = (torch.tensor(cu_q, dtype=torch.int32), perm, torch.tensor(cu_k, dtype=torch.int32),
+            torch.tensor(lens, dtype=torch.int32))
+    q_THD = torch.cat(q_parts)
+    o = attention_split_kv_varlen(q_THD, k_NHD, v_NHD, *meta, max(n for _, n in runs), D**-0.5, split)
+    for b, ((q, k, v), (past, n)) in enumerate(zip(dense, runs)):
+        alone = attention_split_kv(q, k, v, D**-0.5, split)[0].transpose(0, 1)
+        assert torch.equal(o[cu_q[b] : cu_q[b + 1]], alone), b
+    eager = attention_varlen_ref(lambda q, k, v: eager_attention_ref(q, k, v, D**-0.5), q_THD, k_NHD, v_NHD, *meta)
+    torch.testing.assert_close(o, eager, rtol=1e-5, atol=5e-6)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        attention_split_kv_varlen(q_THD, k_NHD, v_NHD, meta[0], meta[1], meta[2].long(), meta[3], 21, 0.1, split)
 
 
 def test_attention_rejects_bad_input(monkeypatch):

@@ -34,14 +34,14 @@ def main() -> None:
     if out == "kill-worker":
         rt.model.procs[0].kill()
         rt.model.procs[0].join()
-        rt.model(ids, pos, ForwardBatch(LENS, [None] * len(LENS)))
+        rt.model(ids, pos, ForwardBatch.packed(LENS, pos.device))
         raise SystemExit("the step after a rank died returned")
     results = {}
     for preset in presets:
         policy = load_preset(preset)
         rt.model.bind(policy) if isinstance(rt.model, TPDriver) else bind(rt.model, policy)
         with torch.no_grad():
-            results[preset] = rt.model.compute_logits(rt.model(ids, pos, ForwardBatch(LENS, [None] * len(LENS)))).float()
+            results[preset] = rt.model.compute_logits(rt.model(ids, pos, ForwardBatch.packed(LENS, pos.device))).float()
     torch.save(results, out)
     close_runtime(rt)
 

@@ -3,10 +3,11 @@
 A decode step (B running sequences, one new token each) is the same kernels every time up to the batch size and
 how many KV pages the longest sequence has, so it is captured once per (batch bucket, page bucket) on first use
 and replayed afterwards: one launch instead of the thousands of small kernel launches that otherwise bound decode.
-The captured forward reads everything through static device buffers (token ids, positions, each row's new KV
-slot, page table, key count and GDN state slot: layers/cache.PagedDecode), which are refilled before each
-replay. Rows past the live batch are padding: they point at a scratch page and a scratch state slot that the
-engine reserves for them, so they never touch a live sequence; their outputs are dropped.
+The captured forward is the ordinary varlen forward (layers/cache.ForwardBatch) over static device buffers
+(token ids, positions, each row's new KV row, page table, key count, GDN state slot), which are refilled before each
+replay; each sequence's key list is its pages' rows, padded to the bucket's page count, of which it reads its
+key count. Rows past the live batch are padding: they point at the engine's scratch page and scratch state slot,
+so they never touch a live sequence; their outputs are dropped.
 
 Numerics: the graph runs the policy's kernels on the same values. Under the invariant GPU preset (rl_parity_gpu:
 Triton kernels whose per-row bits depend on neither the row count nor the key padding) graph decode is bitwise
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from parityrt.engine.kv_cache import KVPool, StatePool
-from parityrt.layers.cache import ForwardBatch, PagedDecode
+from parityrt.layers.cache import ForwardBatch
 from parityrt.numerics import AttentionImpl, Impl
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -38,8 +39,13 @@ def graph_blockers(module: nn.Module) -> list[str]:
         if op == "experts" and m.nx.impl != Impl.triton:
             found["experts.impl=torch: the torch expert paths choose the hit experts on the host (a GPU->CPU sync "
                   "per MoE layer); experts.impl=triton (fused_moe, the same combine semantics) has none"] = None
-        if op == "attention" and m.nx.impl == AttentionImpl.flashinfer:
-            found["attention.impl=flashinfer: no padded-key decode path (attention.impl=triton has one)"] = None
+        if op == "attention" and m.nx.impl != AttentionImpl.triton:
+            found[f"attention.impl={m.nx.impl.value}: the torch references slice each sequence's keys by lengths read "
+                  "back to the host (a sync), FlashInfer plans each step on the host; attention.impl=triton reads "
+                  "them on the device"] = None
+        if op == "gdn" and m.nx.impl != Impl.triton:
+            found["gdn.impl=torch: the torch GDN references run once per sequence, from lengths on the host; "
+                  "gdn.impl=triton (the same contract) runs the batch in one launch"] = None
     return list(found)
 
 
@@ -58,13 +64,11 @@ class DecodeGraphs:
     def __init__(self, kv: KVPool, states: StatePool, max_batch: int, max_seq_len: int, use_graphs: bool = True):
         if use_graphs and kv.device.type != "cuda":
             raise ValueError(f"engine.cuda_graph=true needs the model on a CUDA device, it is on {kv.device}")
-        if not kv.free_pages or not states.free_slots:
-            raise RuntimeError("the pools have no page or state slot left for the CUDA-graph padding rows")
         self.kv, self.states, self.use_graphs = kv, states, use_graphs
         self.max_batch = max_batch
         self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         self.max_pages = kv.pages_for(max_seq_len)
-        self.scratch_page, self.scratch_slot = kv.free_pages.pop(), states.free_slots.pop()
+        self.scratch_page, self.scratch_slot = kv.scratch_pages[0], states.scratch_slot
         dev, B, P = kv.device, max_batch, self.max_pages
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
@@ -72,6 +76,7 @@ class DecodeGraphs:
         self.table = torch.zeros(B, P, dtype=torch.long, device=dev)
         self.kv_len = torch.ones(B, dtype=torch.int32, device=dev)
         self.state_slot = torch.zeros(B, dtype=torch.long, device=dev)
+        self.has_state = torch.zeros(B, dtype=torch.bool, device=dev)
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.module: nn.Module | None = None
         self.graphs: dict[tuple[int, int], _Graph] = {}
@@ -92,7 +97,7 @@ class DecodeGraphs:
 
     def run(self, batch: list[tuple[object, int]], want_routes: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits [B, V] of a decode step of the given (sequence, 1) entries, and per router the expert ids
-        [B, K] (on the CPU) when asked. Advances each sequence's cached KV length."""
+        [B, K] (on the CPU) when asked."""
         B = len(batch)
         bucket = next(b for b in self.buckets if b >= B)
         need = max(self.kv.pages_for(seq.num_computed + 1) for seq, _ in batch)
@@ -105,10 +110,6 @@ class DecodeGraphs:
         else:
             with self._routes():
                 logits = g.run()
-        for seq, _ in batch:
-            cache = seq.cache
-            for layer in cache.kv_len:
-                cache.kv_len[layer] += 1
         routes = [buf[:B].cpu() for buf in self.route_bufs] if want_routes else []
         return logits[:B], routes
 
@@ -116,22 +117,23 @@ class DecodeGraphs:
         """Point the first B rows of the static buffers (P pages each) at the batch's sequences; rows past them
         at the scratch page and state slot."""
         page = self.kv.page_size
-        ids, pos, lens = [0] * B, [0] * B, [1] * B
+        ids, pos, lens, has = [0] * B, [0] * B, [1] * B, [False] * B
         slot, states = [self.scratch_page * page] * B, [self.scratch_slot] * B
         table = [[self.scratch_page] * P for _ in range(B)]
         for i, (seq, _) in enumerate(batch):
             p, cache = seq.num_computed, seq.cache
-            ids[i], pos[i], lens[i], states[i] = seq.all_ids[p], p, p + 1, cache.slot
+            ids[i], pos[i], lens[i], states[i], has[i] = seq.all_ids[p], p, p + 1, cache.slot, p > 0
             slot[i] = cache.pages[p // page] * page + p % page
             n = min(len(cache.pages), P)
             table[i][:n] = cache.pages[:n]
-        for buf, values in ((self.ids, ids), (self.pos, pos), (self.kv_slot, slot), (self.kv_len, lens), (self.state_slot, states)):
+        for buf, values in ((self.ids, ids), (self.pos, pos), (self.kv_slot, slot), (self.kv_len, lens),
+                            (self.state_slot, states), (self.has_state, has)):
             buf[:B].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
         self.table[:B, :P].copy_(torch.tensor(table, dtype=torch.long), non_blocking=True)
 
     def _stores(self) -> tuple[int, ...]:
-        pools = (self.kv.k, self.kv.v, self.states.conv, self.states.recurrent)
-        return tuple(t.data_ptr() for store in pools for _, t in sorted(store.items()))
+        st = self.kv.stores
+        return tuple(t.data_ptr() for store in (st.k, st.v, st.conv, st.recurrent) for _, t in sorted(store.items()))
 
     def _graph(self, B: int, P: int) -> _Graph:
         stores = self._stores()
@@ -139,12 +141,16 @@ class DecodeGraphs:
             self.graphs = {}  # the pools were cleared and reallocated: every graph reads freed memory
         if (B, P) in self.graphs:
             return self.graphs[(B, P)]
-        paged = PagedDecode(self.kv.k, self.kv.v, self.states.conv, self.states.recurrent, self.kv.page_size,
-                            self.kv_slot[:B], self.table[:B, :P], self.kv_len[:B], self.state_slot[:B])
-        batch = ForwardBatch([1] * B, [None] * B, paged)
+        dev, width = self.kv.device, P * self.kv.page_size
+        cu_q = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        offsets = torch.arange(self.kv.page_size, device=dev)
         module = self.module
 
         def forward() -> torch.Tensor:
+            # row b's key list: its P pages' rows (width of them, the first kv_len[b] real), on the device
+            kv_rows = (self.table[:B, :P, None] * self.kv.page_size + offsets).reshape(B * width)
+            batch = ForwardBatch([1] * B, cu_q, self.kv_slot[:B], kv_rows, cu_q * width, self.kv_len[:B],
+                                 self.state_slot[:B], self.has_state[:B], self.kv.stores)
             return module.compute_logits(module(self.ids[:B], self.pos[:B], batch))
 
         g = _Graph(None, forward, None, stores)

@@ -30,10 +30,8 @@ class Engine:
                              f"engine.max_seq_len ({cfg.max_seq_len}) tokens, or it could never run")
         self.tokenizer, self.eos, self.cfg, self.weight_version = tokenizer, set(eos_token_ids), cfg, weight_version
         device = next(inner_module(model).parameters()).device
-        # CUDA graphs: one more page and state slot, for the padding rows of a captured batch
-        spare = int(cfg.cuda_graph)
-        self.kv = KVPool(cfg.max_total_tokens + spare * cfg.page_size, cfg.page_size, device)
-        self.states = StatePool(cfg.max_running_requests + spare, device)
+        self.states = StatePool(cfg.max_running_requests)
+        self.kv = KVPool(cfg.max_total_tokens, cfg.page_size, self.states.slots + 1, device)  # + the scratch slot
         self.graphs = None
         if cfg.cuda_graph:
             if not isinstance(model, torch.nn.Module):
@@ -53,7 +51,6 @@ class Engine:
         for seq in list(self.scheduler.running):
             self.scheduler.preempt(seq)
         self.kv.clear()
-        self.states.clear()
         self.model = model
         self.set_weight_version(weight_version)
         module = inner_module(model)
@@ -61,7 +58,7 @@ class Engine:
         stable = self.cfg.shape_stable_kernels if self.cfg.shape_stable_kernels is not None else self.gumbel
         if self.graphs is not None:
             self.graphs.bind(module)
-        self.runner = ModelRunner(model, stable, sorted(self.eos), self.graphs)
+        self.runner = ModelRunner(model, self.kv, self.states, stable, sorted(self.eos), self.graphs)
 
     def set_weight_version(self, version: str) -> None:
         """As SGLang's record_weight_version_change: every live request with tokens out records the old version

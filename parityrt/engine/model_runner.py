@@ -22,12 +22,14 @@ import torch
 from torch import nn
 
 from parityrt.engine.cuda_graph import DecodeGraphs
+from parityrt.engine.kv_cache import SCRATCH_TOKENS, KVPool, StatePool
 from parityrt.engine.sampler import sampling_tensors
 from parityrt.engine.scheduler import Sequence
 from parityrt.layers.cache import ForwardBatch
 from parityrt.numerics import onednn
 
 STABLE_ROWS = 64  # a multiple of the vector step of bf16/fp32 kernels; above the GEMM thresholds for K·N >= 65
+assert STABLE_ROWS - 1 <= SCRATCH_TOKENS  # the padding sequence fits in the scratch pages
 TopList = list[tuple[float, int]]
 
 
@@ -50,8 +52,10 @@ def inner_module(model) -> nn.Module:
 
 
 class ModelRunner:
-    def __init__(self, model, shape_stable: bool, eos_token_ids: list[int], graphs: DecodeGraphs | None = None):
-        self.model, self.shape_stable, self.eos, self.graphs = model, shape_stable, list(eos_token_ids), graphs
+    def __init__(self, model, kv: KVPool, states: StatePool, shape_stable: bool, eos_token_ids: list[int],
+                 graphs: DecodeGraphs | None = None):
+        self.model, self.kv, self.states = model, kv, states
+        self.shape_stable, self.eos, self.graphs = shape_stable, list(eos_token_ids), graphs
         self.module = inner_module(model)
         self.device = next(self.module.parameters()).device
         self.vocab = self.module.args.vocab_size
@@ -63,17 +67,18 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(batch):
             logits, routes = self.graphs.run(batch, want_routes)
             return self._results(batch, logits, list(range(len(batch))), {i: i for i in range(len(batch))}, routes)
-        ids, pos, lens, caches = [], [], [], []
+        ids, pos, seqs = [], [], []
         for seq, n in batch:
             ids += seq.all_ids[seq.num_computed : seq.num_computed + n]
             pos += range(seq.num_computed, seq.num_computed + n)
-            lens.append(n)
-            caches.append(seq.cache)
-        if self.shape_stable and (pad := -sum(lens) % STABLE_ROWS):
-            ids, pos, lens, caches = ids + [0] * pad, pos + list(range(pad)), lens + [pad], caches + [None]
+            seqs.append((seq.cache.pages, seq.cache.slot, seq.num_computed, n))
+        if self.shape_stable and (pad := -len(ids) % STABLE_ROWS):  # a throw-away sequence on the scratch pages
+            ids, pos = ids + [0] * pad, pos + list(range(pad))
+            seqs.append((self.kv.scratch_pages, self.states.scratch_slot, 0, pad))
+        step = ForwardBatch.from_pages(seqs, self.kv.page_size, self.kv.stores, self.device)
         gemms = onednn(False) if self.shape_stable and self.device.type == "cpu" else nullcontext()
         with gemms, self._capture_routes(want_routes) as routes:
-            h = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), ForwardBatch(lens, caches))
+            h = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), step)
             rows, owners = self._logit_rows(batch, h.shape[0])
             logits = self.model.compute_logits(h[torch.tensor(rows, dtype=torch.long, device=self.device)]) if rows else None
         return self._results(batch, logits, rows, owners, routes)

@@ -3,7 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import attention_split_kv, eager_attention_ref, sdpa_attention
+from functools import partial
+
+from kernels.attention import attention_split_kv_varlen, attention_varlen_ref, eager_attention_ref, sdpa_attention
 from parityrt.layers import flashinfer_ops
 from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -13,7 +15,8 @@ from parityrt.numerics import AttentionImpl, Unbound
 
 
 class Attention(nn.Module):
-    """The attention core: softmax(q·kᵀ·scale + causal mask)·v, implemented as the policy says."""
+    """The attention core over a varlen batch: softmax(q·kᵀ·scale + causal mask)·v for each sequence's new
+    queries against its keys in the stores, implemented as the policy says."""
 
     numerics_op = "attention"
 
@@ -22,20 +25,17 @@ class Attention(nn.Module):
         self.scale = scale
         self.nx = Unbound("attention")
 
-    def forward(self, q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor,
-                key_lens_B: torch.Tensor | None = None) -> torch.Tensor:
-        """key_lens_B: decode over per-sequence padded keys (PagedDecode); sequence b sees its first key_lens_B[b]."""
+    def forward(self, q_THD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        keys = (batch.cu_seqlens_q, batch.kv_rows_N, batch.cu_seqlens_k, batch.kv_lens_B)
         impl = self.nx.impl
-        if impl == AttentionImpl.sdpa:
-            return sdpa_attention(q_BHSD, k_BHLD, v_BHLD, self.scale, key_lens_B)
         if impl == AttentionImpl.triton:
-            return attention_split_kv(q_BHSD, k_BHLD, v_BHLD, self.scale, self.nx.split_kv, key_lens_B)
+            return attention_split_kv_varlen(q_THD, k_NHD, v_NHD, *keys, batch.max_len, self.scale, self.nx.split_kv)
         if impl == AttentionImpl.flashinfer:
-            if key_lens_B is not None:
-                raise ValueError("attention.impl=flashinfer has no padded-key (CUDA-graph) decode in parityrt: use "
-                                 "attention.impl=triton, or engine.cuda_graph=false")
-            return flashinfer_ops.attention(q_BHSD, k_BHLD, v_BHLD, self.scale)
-        return eager_attention_ref(q_BHSD, k_BHLD, v_BHLD, self.scale, self.nx.kv_block, key_lens_B)
+            return flashinfer_ops.attention(q_THD, k_NHD, v_NHD, batch, self.scale)
+        if impl == AttentionImpl.sdpa:
+            return attention_varlen_ref(partial(sdpa_attention, scale=self.scale), q_THD, k_NHD, v_NHD, *keys)
+        attend = partial(eager_attention_ref, scale=self.scale, kv_block=self.nx.kv_block)
+        return attention_varlen_ref(attend, q_THD, k_NHD, v_NHD, *keys)
 
 
 class GatedAttention(nn.Module):
@@ -64,27 +64,12 @@ class GatedAttention(nn.Module):
         q = self.q_norm(q)[0]
         k = self.k_norm(self.k_proj(x_TH).view(T, self.kv_heads, self.head_dim))[0]
         v = self.v_proj(x_TH).view(T, self.kv_heads, self.head_dim)
-        if batch.paged is not None:
-            o = self._paged_decode(q, k, v, cos_sin, batch)
-            return self.o_proj(o * torch.sigmoid(gate.reshape(T, -1)))
-        outs = []
-        for q_s, k_s, v_s, cos, sin, cache in zip(*map(batch.split, (q, k, v, *cos_sin)), batch.caches):
-            # one sequence as a batch of one, heads before time: [1, H, n, D]
-            q_s = self.rope(q_s.transpose(0, 1)[None], (cos[None], sin[None]))
-            k_s = self.rope(k_s.transpose(0, 1)[None], (cos[None], sin[None]))
-            v_s = v_s.transpose(0, 1)[None]
-            if cache is not None:
-                k_s, v_s = cache.append_kv(self.layer_idx, k_s, v_s)
-            outs.append(self.attn(q_s, k_s, v_s)[0].transpose(0, 1))
-        o = torch.cat(outs).reshape(T, -1)
-        return self.o_proj(o * torch.sigmoid(gate.reshape(T, -1)))
-
-    def _paged_decode(self, q_BHD, k_BHD, v_BHD, cos_sin, batch: ForwardBatch) -> torch.Tensor:
-        """One token per sequence: rope on all rows at once (elementwise: each row's bits as alone), the new K/V
-        written to the pool, attention over each sequence's gathered keys."""
+        # rope on every token at once, heads before time ([1, H, T, D]): elementwise, a token's bits as alone
         cos, sin = cos_sin[0][None], cos_sin[1][None]
-        q = self.rope(q_BHD.transpose(0, 1)[None], (cos, sin))[0].transpose(0, 1)  # rows as positions of one "sequence"
-        k = self.rope(k_BHD.transpose(0, 1)[None], (cos, sin))[0].transpose(0, 1)
-        k_all, v_all = batch.paged.append_kv(self.layer_idx, k.contiguous(), v_BHD.contiguous())
-        o = self.attn(q[:, :, None], k_all, v_all, batch.paged.kv_len_B)  # [B, H, 1, D]
-        return o.reshape(q_BHD.shape[0], -1)
+        q = self.rope(q.transpose(0, 1)[None], (cos, sin))[0].transpose(0, 1)
+        k = self.rope(k.transpose(0, 1)[None], (cos, sin))[0].transpose(0, 1)
+        k_store, v_store = batch.cache.kv(self.layer_idx, k, v)
+        k_store.index_copy_(0, batch.slot_mapping_T, k.contiguous())
+        v_store.index_copy_(0, batch.slot_mapping_T, v.contiguous())
+        o = self.attn(q, k_store, v_store, batch).reshape(T, -1)
+        return self.o_proj(o * torch.sigmoid(gate.reshape(T, -1)))

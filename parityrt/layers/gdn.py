@@ -4,15 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.gdn import (
-    causal_conv1d_ref,
-    causal_conv1d_taps,
-    chunked_gated_delta_rule_ref,
-    chunked_gated_delta_rule_triton,
-    recurrent_gated_delta_rule_ref,
-    recurrent_gated_delta_rule_triton,
-)
-from parityrt.layers.cache import ForwardBatch, StateCache
+from kernels.gdn import causal_conv1d_taps_varlen, causal_conv1d_varlen_ref, gated_delta_rule_varlen
+from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.linear import ColumnParallelLinear, PartsLoader, RowParallelLinear, make_param
 from parityrt.layers.norm import GatedRMSNorm
 from parityrt.numerics import GdnAlgo, Impl, Unbound
@@ -44,81 +37,34 @@ class GatedDeltaNet(nn.Module):
         self.nx = Unbound("gdn")
 
     def forward(self, x_TH: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        qkv_T = self.in_proj_qkv(x_TH)
-        beta_T = self.in_proj_b(x_TH).sigmoid()
+        qkv_TC = self.in_proj_qkv(x_TH)
+        beta_TH = self.in_proj_b(x_TH).sigmoid()
         # decay in fp32: -exp(A_log)·softplus(a + dt_bias), <= 0 (fp16/bf16 exp would overflow or lose it)
-        g_T = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_TH).float() + self.dt_bias)
-        if batch.paged is not None:
-            o_T = self._paged_step(qkv_T, beta_T, g_T, batch)
-        elif self.nx.impl == Impl.triton and all(n == 1 for n in batch.lens) and None not in batch.caches:
-            o_T = self._decode_step(qkv_T, beta_T, g_T, batch.caches)
+        g_TH = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_TH).float() + self.dt_bias)
+        T = x_TH.shape[0]
+        conv_like = qkv_TC.new_empty(1, qkv_TC.shape[1], self.conv_weight.shape[1] - 1)
+        rec_like = torch.empty(1, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32)
+        conv_pool, rec_pool = batch.cache.state(self.layer_idx, conv_like, rec_like)
+        # each sequence's state before this step: its slot's, or zeros for a sequence that starts here
+        fresh_B = ~batch.has_state_B
+        conv_B = conv_pool.index_select(0, batch.state_slot_B).masked_fill(fresh_B[:, None, None], 0)
+        rec_B = rec_pool.index_select(0, batch.state_slot_B).masked_fill(fresh_B[:, None, None, None], 0)
+        triton = self.nx.impl == Impl.triton  # the kernel set also fixes the conv's tap order
+        if triton:
+            qkv_TC, conv_out = causal_conv1d_taps_varlen(qkv_TC, self.conv_weight, conv_B, batch.cu_seqlens_q)
         else:
-            o_T = torch.cat([self._sequence(qkv, beta, g, cache) for qkv, beta, g, cache in
-                             zip(batch.split(qkv_T), batch.split(beta_T), batch.split(g_T), batch.caches)])
+            qkv_TC, conv_out = causal_conv1d_varlen_ref(qkv_TC, self.conv_weight, conv_B, batch.has_state_B, batch.lens)
+        q, k, v = torch.split(qkv_TC, [self.key_size, self.key_size, self.value_size], dim=-1)
+        q, k = q.reshape(T, self.k_heads, self.k_dim), k.reshape(T, self.k_heads, self.k_dim)
+        v = v.reshape(T, self.v_heads, self.v_dim)
+        chunk = self.nx.chunk_size if self.nx.algo == GdnAlgo.chunked else None
+        o_T, rec_out = gated_delta_rule_varlen(q, k, v, g_TH, beta_TH, rec_B, batch.cu_seqlens_q, batch.lens, chunk,
+                                               triton, self.nx.dot_precision.value)
+        conv_pool.index_copy_(0, batch.state_slot_B, conv_out.to(conv_pool.dtype))
+        rec_pool.index_copy_(0, batch.state_slot_B, rec_out)
         z = self.in_proj_z(x_TH).reshape(-1, self.v_dim)
-        o = self.norm(o_T.reshape(-1, self.v_dim), z).reshape(x_TH.shape[0], -1)
+        o = self.norm(o_T.reshape(-1, self.v_dim), z).reshape(T, -1)
         return self.out_proj(o)
-
-    def _decode_step(self, qkv_BC: torch.Tensor, beta_BH: torch.Tensor, g_BH: torch.Tensor,
-                     caches: list[StateCache]) -> torch.Tensor:
-        """One token for each of B sequences in one conv and one delta-rule launch instead of B. Bitwise what
-        _sequence gives each sequence alone: the tap-ordered conv is elementwise, the recurrent kernel computes each
-        (sequence, head) in its own programs, and a sequence without state yet starts from zeros either way."""
-        layer = self.layer_idx
-        conv_in = _stack([c.conv.get(layer) for c in caches])
-        state_in = _stack([c.recurrent.get(layer) for c in caches])
-        o, conv_out, state_out = self._mix(qkv_BC[:, None], beta_BH[:, None], g_BH[:, None], conv_in, state_in)
-        for i, cache in enumerate(caches):
-            cache.conv[layer], cache.recurrent[layer] = conv_out[i : i + 1], state_out[i : i + 1]
-        return o[:, 0]
-
-    def _paged_step(self, qkv_BC: torch.Tensor, beta_BH: torch.Tensor, g_BH: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """_decode_step with the states gathered from and scattered back to the pool by device slot indices."""
-        conv_in, state_in = batch.paged.states(self.layer_idx)
-        o, conv_out, state_out = self._mix(qkv_BC[:, None], beta_BH[:, None], g_BH[:, None], conv_in, state_in)
-        batch.paged.set_states(self.layer_idx, conv_out, state_out)
-        return o[:, 0]
-
-    def _sequence(self, qkv_SC: torch.Tensor, beta_SH: torch.Tensor, g_SH: torch.Tensor, cache: StateCache | None) -> torch.Tensor:
-        """Conv and delta rule over one sequence's new tokens, continuing from (and updating) its cache."""
-        conv_state = cache.conv.get(self.layer_idx) if cache is not None else None
-        state = cache.recurrent.get(self.layer_idx) if cache is not None else None
-        o, new_conv_state, new_state = self._mix(qkv_SC[None], beta_SH[None], g_SH[None], conv_state, state)
-        if cache is not None:
-            cache.conv[self.layer_idx], cache.recurrent[self.layer_idx] = new_conv_state, new_state
-        return o[0]
-
-    def _mix(self, qkv_BSC: torch.Tensor, beta_BSH: torch.Tensor, g_BSH: torch.Tensor, conv_state: torch.Tensor | None,
-             state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Causal conv + delta rule over B sequences of S new tokens each, from their states (None: they start
-        here). Returns (o [B, S, Hv, Dv], conv state, recurrent state)."""
-        B, S, _ = qkv_BSC.shape
-        triton = self.nx.impl == Impl.triton
-        conv = causal_conv1d_taps if triton else causal_conv1d_ref  # the kernel set also fixes the conv's tap order
-        qkv, new_conv_state = conv(qkv_BSC.transpose(1, 2), self.conv_weight, conv_state)
-        q, k, v = torch.split(qkv.transpose(1, 2), [self.key_size, self.key_size, self.value_size], dim=-1)
-        q, k = q.reshape(B, S, self.k_heads, self.k_dim), k.reshape(B, S, self.k_heads, self.k_dim)
-        v = v.reshape(B, S, self.v_heads, self.v_dim)
-        if self.nx.algo == GdnAlgo.recurrent or S == 1:
-            rule = recurrent_gated_delta_rule_triton if triton else recurrent_gated_delta_rule_ref
-            o, new_state = rule(q, k, v, g_BSH, beta_BSH, state)
-        else:
-            args = (q, k, v, g_BSH, beta_BSH, state, self.nx.chunk_size)
-            if triton:
-                o, new_state = chunked_gated_delta_rule_triton(*args, self.nx.dot_precision.value)
-            else:
-                o, new_state = chunked_gated_delta_rule_ref(*args)
-        return o, new_conv_state, new_state
-
-
-def _stack(states: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Per-sequence [1, ...] states as one [B, ...] batch; zeros for a sequence that has none yet (what a fresh
-    state is), None when no sequence has one."""
-    present = [t for t in states if t is not None]
-    if not present:
-        return None
-    zero = torch.zeros_like(present[0]) if len(present) < len(states) else None
-    return torch.cat([zero if t is None else t for t in states])
 
 
 class _ConvLoader(PartsLoader):

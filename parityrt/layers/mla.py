@@ -3,6 +3,8 @@ tokens, N nope dims, R rope dims, V value dims, C the compressed KV latent (kv_l
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ from parityrt.numerics import Unbound
 
 
 class MLAttention(nn.Module):
-    """The cache holds the normalised latent c_kv [B, 1, L, C] and the roped shared key [B, 1, L, R].
+    """The cache holds, per token, the normalised latent c_kv and the roped shared key as one row [1, C + R].
     absorb=False (transformers): expand K and V per head with kv_b_proj, then attention over N + R dims.
     absorb=True (engines): fold W_UK into q and attend over the latent (C + R dims, one shared KV head), then
     apply W_UV to the attended latent. Same math, different roundings."""
@@ -51,46 +53,35 @@ class MLAttention(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
         T = x_TD.shape[0]
-        q_THX = self._q(x_TD).view(T, self.heads, self.nope + self.rope_dim)
+        q_nope, q_rot = torch.split(self._q(x_TD).view(T, self.heads, self.nope + self.rope_dim), [self.nope, self.rope_dim], -1)
         c_kv_T, k_rot_T = torch.split(self.kv_a_proj_with_mqa(x_TD), [self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv_T = self.kv_a_layernorm(c_kv_T)[0]
-        if batch.paged is not None:
-            return self.o_proj(self._paged_decode(q_THX, c_kv_T, k_rot_T, cos_sin, batch))
-        outs = []
-        for q, c_kv, k_rot, cos, sin, cache in zip(*map(batch.split, (q_THX, c_kv_T, k_rot_T, *cos_sin)), batch.caches):
-            # one sequence as a batch of one: q [1, H, n, N + R]; latent and rope key as one shared head [1, 1, n, .]
-            q_nope, q_rot = torch.split(q.transpose(0, 1)[None], [self.nope, self.rope_dim], dim=-1)
-            q_rot = self.rope(q_rot, (cos[None], sin[None]))
-            c_kv, k_rot = c_kv[None, None], self.rope(k_rot[None, None], (cos[None], sin[None]))
-            if cache is not None:
-                c_kv, k_rot = cache.append_kv(self.layer_idx, c_kv, k_rot)
-            o = self._absorbed(q_nope, q_rot, c_kv, k_rot) if self.nx.absorb else self._expanded(q_nope, q_rot, c_kv, k_rot)
-            outs.append(o[0].transpose(0, 1))
-        return self.o_proj(torch.cat(outs).reshape(T, -1))
-
-    def _paged_decode(self, q_BHX, c_kv_BC, k_rot_BR, cos_sin, batch: ForwardBatch) -> torch.Tensor:
-        """One token per sequence: the B rows as the positions of one rope call (elementwise), the new latent and
-        rope key written to the pool, attention over each sequence's gathered (padded) latent."""
-        B = q_BHX.shape[0]
+        # rope on every token at once ([1, H, T, R]; the shared key as one head): elementwise, a token's bits as alone
         cos, sin = cos_sin[0][None], cos_sin[1][None]
-        q_nope, q_rot = torch.split(q_BHX.transpose(0, 1)[None], [self.nope, self.rope_dim], dim=-1)  # [1, H, B, .]
-        q_rot = self.rope(q_rot, (cos, sin))
-        k_rot = self.rope(k_rot_BR[None, None], (cos, sin))[0, 0]
-        c_all, k_rot_all = batch.paged.append_kv(self.layer_idx, c_kv_BC[:, None].contiguous(), k_rot[:, None].contiguous())
-        q_nope, q_rot = (t[0].transpose(0, 1)[:, :, None] for t in (q_nope, q_rot))  # [B, H, 1, .]
-        attend = self._absorbed if self.nx.absorb else self._expanded
-        return attend(q_nope, q_rot, c_all, k_rot_all, batch.paged.kv_len_B)[:, :, 0].reshape(B, -1)
+        q_rot = self.rope(q_rot.transpose(0, 1)[None], (cos, sin))[0].transpose(0, 1)
+        k_rot_T = self.rope(k_rot_T[None, None], (cos, sin))[0, 0]
+        latent_T = torch.cat([c_kv_T, k_rot_T], dim=-1)[:, None]  # [T, 1, C + R]: what the cache holds per token
+        store, _ = batch.cache.kv(self.layer_idx, latent_T, None)
+        store.index_copy_(0, batch.slot_mapping_T, latent_T)
+        o = self._absorbed(q_nope, q_rot, store, batch) if self.nx.absorb else self._expanded(q_nope, q_rot, store, batch)
+        return self.o_proj(o.reshape(T, -1))
 
-    def _expanded(self, q_nope, q_rot, c_kv, k_rot, key_lens_B=None) -> torch.Tensor:
-        B, _, L, _ = c_kv.shape
-        kv = self.kv_b_proj(c_kv).view(B, L, self.heads, self.nope + self.v_dim).transpose(1, 2)
+    def _expanded(self, q_nope_THN, q_rot_THR, store_N1X, batch: ForwardBatch) -> torch.Tensor:
+        """transformers' form: every key of every sequence expanded to per-head K and V with kv_b_proj (one GEMM
+        over the batch's keys, packed as the batch lists them), then attention over N + R dims."""
+        latent = store_N1X[batch.kv_rows_N, 0]  # [N, C + R]
+        N = latent.shape[0]
+        kv = self.kv_b_proj(latent[:, : self.kv_lora_rank]).view(N, self.heads, self.nope + self.v_dim)
         k_nope, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_rot.expand(-1, self.heads, -1, -1)], dim=-1)
-        return self.attn(torch.cat([q_nope, q_rot], dim=-1), k, v, key_lens_B)
+        k = torch.cat([k_nope, latent[:, None, self.kv_lora_rank :].expand(-1, self.heads, -1)], dim=-1)
+        packed = dataclasses.replace(batch, kv_rows_N=torch.arange(N, device=latent.device))
+        return self.attn(torch.cat([q_nope_THN, q_rot_THR], dim=-1), k, v, packed)
 
-    def _absorbed(self, q_nope, q_rot, c_kv, k_rot, key_lens_B=None) -> torch.Tensor:
+    def _absorbed(self, q_nope_THN, q_rot_THR, store_N1X, batch: ForwardBatch) -> torch.Tensor:
+        """The engines' form: W_UK folded into q, attention over the cached latent (one shared KV head: keys are
+        [c_kv | k_rot], values c_kv), then W_UV applied to the attended latent."""
         w_HXC = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk_HNC, w_uv_HVC = w_HXC[:, : self.nope], w_HXC[:, self.nope :]
-        q_lat = torch.matmul(q_nope, w_uk_HNC)  # [B, H, S, C], rounded to the model dtype
-        o_lat = self.attn(torch.cat([q_lat, q_rot], dim=-1), torch.cat([c_kv, k_rot], dim=-1), c_kv, key_lens_B)
-        return torch.matmul(o_lat, w_uv_HVC.transpose(-1, -2))
+        q_lat = torch.matmul(q_nope_THN.transpose(0, 1), w_uk_HNC).transpose(0, 1)  # [T, H, C], model dtype
+        o_lat = self.attn(torch.cat([q_lat, q_rot_THR], dim=-1), store_N1X, store_N1X[..., : self.kv_lora_rank], batch)
+        return torch.matmul(o_lat.transpose(0, 1), w_uv_HVC.transpose(-1, -2)).transpose(0, 1)  # [T, H, V]

@@ -72,7 +72,7 @@ def score(model: nn.Module, policy: NumericsPolicy, seqs: list[TokenSequence],
             pos_T = torch.cat([torch.arange(n) for n in lens]).to(device)
             cap.clear()
             t0 = time.perf_counter()
-            logp_TV = model.logprobs(model.compute_logits(model(ids_T, pos_T, ForwardBatch(lens, [None] * len(batch)))))
+            logp_TV = model.logprobs(model.compute_logits(model(ids_T, pos_T, ForwardBatch.packed(lens, device))))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not the launches
             seconds += time.perf_counter() - t0
