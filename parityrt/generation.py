@@ -1,7 +1,8 @@
 """Offline generation API over the engine: SGLang /generate records in, SGLang responses (and logits) out.
 
-Request parsing and validation live in parityrt.engine.request; this module keeps the single-record helpers that
-offline tooling (scripts/generate.py, parityrt.parity) calls.
+Records are parsed and answered by the server's protocol (parityrt.server.protocol), so offline runs take and
+write exactly what /generate does; this module keeps the single-record helpers that offline tooling
+(scripts/generate.py, parityrt.parity) calls.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 
 from parityrt.config import EngineConfig
 from parityrt.engine.engine import Engine
-from parityrt.engine.request import GenerateRequest, SamplingParams, check_contract, parse_generate
+from parityrt.engine.request import GenerateRequest, SamplingParams
+from parityrt.server.protocol.generate import parse_generate
+from parityrt.server.protocol.response import generate_response
 from parityrt.tokenizer import Tokenizer
 
 __all__ = ["GenerateRequest", "Generator", "SamplingParams", "parse_records", "parse_request"]
@@ -21,7 +24,6 @@ __all__ = ["GenerateRequest", "Generator", "SamplingParams", "parse_records", "p
 
 def parse_records(record: Any, tokenizer: Tokenizer, vocab_size: int, max_seq_len: int) -> list[GenerateRequest]:
     """One /generate record (a single prompt, a batch, or n > 1) -> one GenerateRequest per sample."""
-    check_contract(record)
     return parse_generate(record, tokenizer, vocab_size, max_seq_len)[0]
 
 
@@ -46,4 +48,4 @@ class Generator:
         [seq] = self.engine.generate([dataclasses.replace(req, keep_logits=True)])
         rows = [seq.logits[p] for p in range(len(seq.all_ids) - 1)]
         logits = torch.stack(rows) if rows else torch.empty(0, self.engine.runner.vocab)
-        return self.engine.response(seq), logits
+        return generate_response(self.engine.output(seq)), logits

@@ -12,8 +12,8 @@ import uvicorn
 from omegaconf import DictConfig
 
 from parityrt.config import RunConfig, to_run_config
-from parityrt.runtime import close_runtime, load_runtime
-from parityrt.server import build_state, create_app
+from parityrt.runtime import build_state, close_runtime, load_runtime
+from parityrt.server.app import create_app
 
 
 def serve(run: RunConfig) -> None:

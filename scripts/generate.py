@@ -28,6 +28,7 @@ from parityrt.engine.engine import Engine
 from parityrt.generation import parse_records
 from parityrt.parity.io import read_jsonl
 from parityrt.runtime import close_runtime, load_runtime, write_run_files
+from parityrt.server.protocol.response import generate_response
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -58,7 +59,7 @@ def main(cfg: DictConfig) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as f:
         for seq in seqs:
-            f.write(json.dumps(engine.response(seq)) + "\n")
+            f.write(json.dumps(generate_response(engine.output(seq))) + "\n")
             if run.engine.dump_logits:
                 rows = [seq.logits[p] for p in range(len(seq.all_ids) - 1)]
                 dumps[seq.req.rid] = torch.stack(rows) if rows else torch.empty(0, rt.model.args.vocab_size)

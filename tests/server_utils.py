@@ -14,9 +14,8 @@ import httpx
 import uvicorn
 
 from parityrt.config import compose_run
-from parityrt.runtime import load_runtime
-from parityrt.server import build_state, create_app
-from parityrt.server.app import ServerState
+from parityrt.runtime import build_state, load_runtime
+from parityrt.server.app import ServerState, create_app
 
 
 @dataclass

@@ -14,6 +14,7 @@ from parityrt.engine.cuda_graph import DecodeGraphs
 from parityrt.engine.engine import Engine
 from parityrt.generation import parse_records
 from parityrt.numerics import bind, with_ops
+from parityrt.server.protocol.response import generate_response
 from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model
 
@@ -33,7 +34,7 @@ def _requests(n: int) -> list:
 def _outputs(engine: Engine, requests: list) -> list[tuple[list[int], list[float], list]]:
     out = []
     for s in engine.generate(requests):
-        meta = engine.response(s)["meta_info"]
+        meta = generate_response(engine.output(s))["meta_info"]
         out.append((s.output_ids, [lp for lp, _, _ in meta["output_token_logprobs"]], meta["routed_experts"]))
     return out
 

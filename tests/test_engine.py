@@ -22,6 +22,7 @@ from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
 from parityrt.generation import parse_records
 from parityrt.layers.cache import ForwardBatch, SequenceCache
 from parityrt.numerics import bind, onednn, with_ops
+from parityrt.server.protocol.response import generate_response
 from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model
 
@@ -106,7 +107,7 @@ def _requests(prompts: list[list[int]], **sp) -> list:
 
 
 def _outputs(engine: Engine, requests: list) -> list[tuple[list[int], list]]:
-    return [(s.output_ids, engine.response(s)["meta_info"]["output_token_logprobs"]) for s in engine.generate(requests)]
+    return [(s.output_ids, generate_response(engine.output(s))["meta_info"]["output_token_logprobs"]) for s in engine.generate(requests)]
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -148,19 +149,19 @@ def test_rl_parity_alone_batched_preempted_and_rescored(request, model_name) -> 
     tight = _engine(model, "rl_parity", max_seq_len=96, max_total_tokens=128, page_size=4)
     seqs = tight.generate(_requests(prompts))
     assert sum(s.num_retractions for s in seqs) > 0
-    assert [(s.output_ids, tight.response(s)["meta_info"]["output_token_logprobs"]) for s in seqs] == together
+    assert [(s.output_ids, generate_response(tight.output(s))["meta_info"]["output_token_logprobs"]) for s in seqs] == together
     # both at once: recomputed requests are re-prefilled in odd chunks (needs attention.kv_block: a key row's
     # layout must not depend on how many keys exist yet)
     both = _engine(model, "rl_parity", chunked_prefill_size=23, max_seq_len=96, max_total_tokens=128, page_size=4)
     seqs = both.generate(_requests(prompts))
     assert sum(s.num_retractions for s in seqs) > 0
-    assert [(s.output_ids, both.response(s)["meta_info"]["output_token_logprobs"]) for s in seqs] == together
+    assert [(s.output_ids, generate_response(both.output(s))["meta_info"]["output_token_logprobs"]) for s in seqs] == together
     for prompt, (ids, lps) in zip(prompts, together):
         scorer = _engine(model, "rl_parity")
         [req] = parse_records({"input_ids": prompt + ids, "return_logprob": True, "logprob_start_len": len(prompt),
                                "sampling_params": {"max_new_tokens": 0, "temperature": 0.8}}, TOK, 2048, 4096)
         [seq] = scorer.generate([req])
-        assert scorer.response(seq)["meta_info"]["input_token_logprobs"] == lps
+        assert generate_response(scorer.output(seq))["meta_info"]["input_token_logprobs"] == lps
 
 
 def test_chunked_prefill_aligned_to_the_gdn_chunk_keeps_bits(qwen) -> None:
@@ -254,7 +255,7 @@ def _load_requests(n: int, seed: int) -> list:
 
 def _all_bits(engine: Engine, seqs: list) -> list[tuple]:
     keys = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs")
-    return [(s.output_ids, *(engine.response(s)["meta_info"][k] for k in keys)) for s in seqs]
+    return [(s.output_ids, *(generate_response(engine.output(s))["meta_info"][k] for k in keys)) for s in seqs]
 
 
 @pytest.mark.parametrize("model_name", ["qwen", "kimi"])
@@ -306,7 +307,7 @@ def test_streamed_text_decodes_each_token_once(qwen, monkeypatch) -> None:
     texts = []
     while engine.has_work():
         engine.step()
-        texts.append(engine.response(seq)["text"])
+        texts.append(generate_response(engine.output(seq))["text"])
     assert len(seq.output_ids) == 120 and texts[-1] == real(seq.output_ids, skip_special_tokens=True)
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # streamed text only grows
     assert sum(decoded) < 15 * 120, sum(decoded)

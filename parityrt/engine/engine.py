@@ -1,9 +1,14 @@
-"""The engine: step = schedule -> run -> postprocess. Single-threaded: the server drives it from one thread."""
+"""The engine: step = schedule -> run -> postprocess. Single-threaded: the server drives it from one thread.
+
+Offline callers (scripts, parity tools, tests) use add / step / generate / output over Sequences. The server uses
+only the facade (parityrt/engine/api.py): typed GenerateRequests in, RequestOutputs out, and model info, stats,
+cache flush, weight version and weight swap; it never sees a Sequence, the scheduler or the caches."""
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +17,7 @@ from parityrt.config import EngineConfig
 from parityrt.engine.cuda_graph import DecodeGraphs
 from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
 from parityrt.engine.model_runner import ModelRunner, SeqResult, inner_module
-from parityrt.engine.output import response, stop_string
+from parityrt.engine.output import RequestOutput, build_output, stop_string, weight_version_spans
 from parityrt.engine.request import GenerateRequest
 from parityrt.engine.sampler import DEFAULT_SEED
 from parityrt.engine.scheduler import Scheduler, Sequence, Status
@@ -22,13 +27,47 @@ from parityrt.tokenizer import Tokenizer
 log = logging.getLogger("parityrt.engine")
 
 
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    """What the server validates requests against and reports (/model_info, /server_info, /v1/models)."""
+
+    vocab_size: int
+    max_seq_len: int  # the context length: prompt + output
+    max_total_tokens: int  # the KV pool's token slots
+    page_size: int
+    max_running_requests: int
+    deterministic: bool  # seeded Gumbel-max sampling: SGLang's enable_deterministic_inference
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_used_tokens: int  # KV slots handed out to running requests (whole pages)
+    max_total_tokens: int
+
+    @property
+    def token_usage(self) -> float:
+        return self.num_used_tokens / self.max_total_tokens if self.max_total_tokens else 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class StepOutputs:
+    """One step as the server sees it."""
+
+    moved: int  # requests that made a token or finished (the health signal)
+    new_tokens: int  # requests of those with output tokens (~ the tokens of this step, for the throughput figure)
+    outputs: list[RequestOutput]  # what is due to callers: every finish, and a stream's chunk per stream_interval
+
+
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer, eos_token_ids: list[int], cfg: EngineConfig,
                  weight_version: str = "default"):
         if cfg.max_total_tokens < cfg.max_seq_len:
             raise ValueError(f"engine.max_total_tokens ({cfg.max_total_tokens}) must hold one request of "
                              f"engine.max_seq_len ({cfg.max_seq_len}) tokens, or it could never run")
-        self.tokenizer, self.eos, self.cfg, self.weight_version = tokenizer, set(eos_token_ids), cfg, weight_version
+        self.tokenizer, self.eos, self.cfg = tokenizer, set(eos_token_ids), cfg
+        self._weight_version = weight_version
         device = next(inner_module(model).parameters()).device
         self.states = StatePool(cfg.max_running_requests)
         self.kv = KVPool(cfg.max_total_tokens, cfg.page_size, self.states.slots + 1, device)  # + the scratch slot
@@ -39,7 +78,7 @@ class Engine:
             self.graphs = DecodeGraphs(self.kv, self.states, min(cfg.cuda_graph_max_bs, cfg.max_running_requests), cfg.max_seq_len)
         self.seqs: dict[str, Sequence] = {}
         # SGLang's weight-version events: rid -> [(old version, output tokens made under it)], one entry per
-        # version change the request lived through with tokens already out; read by response() (weight_versions)
+        # version change the request lived through with tokens already out; read by output() (weight_versions)
         self.version_events: dict[str, list[tuple[str, int]]] = {}
         self.scheduler = Scheduler(self.kv, self.states, cfg.max_running_requests, cfg.chunked_prefill_size,
                                    chunk_alignment(inner_module(model)))
@@ -60,24 +99,30 @@ class Engine:
             self.graphs.bind(module)
         self.runner = ModelRunner(model, self.kv, self.states, stable, sorted(self.eos), self.graphs)
 
+    @property
+    def weight_version(self) -> str:
+        return self._weight_version
+
     def set_weight_version(self, version: str) -> None:
         """As SGLang's record_weight_version_change: every live request with tokens out records the old version
-        and how many tokens it made under it, so its final response reports the spans (weight_versions)."""
-        if version == getattr(self, "weight_version", None):
+        and how many tokens it made under it, so its final output reports the spans (weight_versions)."""
+        if version == self._weight_version:
             return
-        old = getattr(self, "weight_version", version)
         for seq in self.seqs.values():
             if seq.output_ids:
-                self.version_events.setdefault(seq.req.rid, []).append((old, len(seq.output_ids)))
-        self.weight_version = version
+                self.version_events.setdefault(seq.req.rid, []).append((self._weight_version, len(seq.output_ids)))
+        self._weight_version = version
 
-    def add(self, req: GenerateRequest) -> Sequence:
+    def _refuse(self, req: GenerateRequest) -> None:
         if req.rid in self.seqs:
             raise ValueError(f"Duplicate request ID detected: {req.rid}")
-        sp = req.sampling
-        if len(req.input_ids) >= self.cfg.max_seq_len:  # parse_generate refuses these too; never let one in
+        if len(req.input_ids) >= self.cfg.max_seq_len:  # the protocol refuses these too; never let one in
             raise ValueError(f"The input ({len(req.input_ids)} tokens) is longer than the model's context length "
                              f"({self.cfg.max_seq_len} tokens).")
+
+    def add(self, req: GenerateRequest) -> Sequence:
+        self._refuse(req)
+        sp = req.sampling
         seed = sp.sampling_seed if sp.sampling_seed is not None else DEFAULT_SEED if self.gumbel else random.getrandbits(62)
         seed += req.sample_index
         limit = self.cfg.max_seq_len - len(req.input_ids)
@@ -92,6 +137,30 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def submit(self, requests: list[GenerateRequest]) -> None:
+        """Add the requests, all or none: one that add() would refuse (its rid live, or twice among them) refuses
+        the lot, so a batch never runs in part."""
+        batch: set[str] = set()
+        for req in requests:
+            self._refuse(req)
+            if req.rid in batch:
+                raise ValueError(f"Duplicate request ID detected: {req.rid}")
+            batch.add(req.rid)
+        for req in requests:
+            self.add(req)
+
+    def step_outputs(self) -> StepOutputs:
+        """step() for the server: the outputs due to callers. When to emit is decided here, as in SGLang's
+        scheduler: at the finish, and for a stream every stream_interval output tokens."""
+        try:
+            changed = self.step()
+        except Exception:  # step() isolates a request that makes the model run raise; this is the last resort
+            log.exception("engine step failed outside the model run; aborting the running requests")
+            return StepOutputs(0, 0, self.abort_requests([s.req.rid for s in self.scheduler.running]))
+        due = [s for s in changed if s.status is Status.finished
+               or (s.req.stream and len(s.output_ids) % s.req.sampling.stream_interval == 0)]
+        return StepOutputs(len(changed), sum(1 for s in changed if s.output_ids), [self._deliver(s) for s in due])
 
     def step(self) -> list[Sequence]:
         """One forward over the scheduled tokens. Returns the sequences that produced a token or finished."""
@@ -173,7 +242,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: dict[str, Any]) -> None:
         self.scheduler.finish(seq, reason)
-        seq.weight_version = self.weight_version
+        seq.weight_version = self._weight_version
         self.seqs.pop(seq.req.rid, None)
 
     def abort(self, rid: str | None = None) -> list[Sequence]:
@@ -194,19 +263,45 @@ class Engine:
             self._finish(seq, {"type": "abort", "message": "Abort request", "status_code": None, "err_type": None})
         return targets
 
-    def response(self, seq: Sequence) -> dict[str, Any]:
+    def abort_requests(self, rids: list[str] | None) -> list[RequestOutput]:
+        """abort_many for the server: the aborted requests' final outputs."""
+        return [self._deliver(seq) for seq in self.abort_many(rids)]
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        """The sequence's output now: a stream's chunk while it runs, the result once finished."""
         if seq.status is not Status.finished:
-            return response(seq, self.tokenizer, self.weight_version)
+            return build_output(seq, self.tokenizer, self._weight_version)
         # SGLang 0.5.23 (utils/weight_versions.py): a finished request reports the spans of its output tokens per
         # weight version, and weight_version is the last span's (the version at finish when it made a token then)
         spans = weight_version_spans(self.version_events.get(seq.req.rid, []), seq.weight_version, len(seq.output_ids))
-        out = response(seq, self.tokenizer, spans[-1]["version"])
-        out["meta_info"]["weight_versions"] = spans
+        return build_output(seq, self.tokenizer, spans[-1].version, spans)
+
+    def _deliver(self, seq: Sequence) -> RequestOutput:
+        """output() of a sequence the server hands out: once finished it is its last, so its events go."""
+        out = self.output(seq)
+        if out.finished:
+            self.version_events.pop(seq.req.rid, None)
         return out
 
-    def forget(self, rid: str) -> None:
-        """The finished request's response went out: drop its weight-version events."""
-        self.version_events.pop(rid, None)
+    # ---- the server's facade (with submit, step_outputs, abort_requests, set_model, set_weight_version) --------
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(vocab_size=self.runner.vocab, max_seq_len=self.cfg.max_seq_len,
+                         max_total_tokens=self.kv.num_pages * self.kv.page_size, page_size=self.kv.page_size,
+                         max_running_requests=self.cfg.max_running_requests, deterministic=self.gumbel)
+
+    def stats(self) -> EngineStats:
+        used = (self.kv.num_pages - len(self.kv.free_pages)) * self.kv.page_size
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                           num_used_tokens=used, max_total_tokens=self.kv.num_pages * self.kv.page_size)
+
+    def flush_cache(self) -> bool:
+        """Drop the cached KV and GDN state (SGLang's /flush_cache); refused (False) while any request runs or
+        waits, since the cache is theirs."""
+        if self.has_work():
+            return False
+        self.kv.clear()
+        return True
 
     def generate(self, requests: list[GenerateRequest]) -> list[Sequence]:
         """Offline: run every request to the end with continuous batching; sequences in request order."""
@@ -214,21 +309,6 @@ class Engine:
         while self.has_work():
             self.step()
         return seqs
-
-
-def weight_version_spans(events: list[tuple[str, int]], current: str, num_tokens: int) -> list[dict[str, Any]]:
-    """SGLang's compute_weight_version_spans + add_weight_versions_to_meta_info: [{version, start, end}] over the
-    output tokens, merging equal neighbours; a version under which no token was made shows only at start 0."""
-    spans: list[dict[str, Any]] = []
-    for version, end in [*events, (current, num_tokens)]:
-        end = min(end, num_tokens)
-        if spans and end <= spans[-1]["end"]:
-            continue
-        if spans and version == spans[-1]["version"]:
-            spans[-1]["end"] = end
-            continue
-        spans.append({"version": version, "start": spans[-1]["end"] if spans else 0, "end": end})
-    return [s for s in spans if s["start"] < num_tokens or s["start"] == 0]
 
 
 def chunk_alignment(module: torch.nn.Module) -> int:

@@ -16,24 +16,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from parityrt.engine.engine import Engine
-from parityrt.engine.request import (
-    ContractError,
-    GenerateRequest,
-    Limits,
-    SamplingParams,
-    check_contract,
-    has_lone_surrogate,
-    parse_generate,
-)
-from parityrt.server import protocol as P
+from parityrt.engine.api import Engine, GenerateRequest, RequestOutput, SamplingParams
+from parityrt.server.protocol import openai as O
+from parityrt.server.protocol import schemas as S
+from parityrt.server.protocol.generate import SURROGATE, ContractError, Limits, has_lone_surrogate, parse_generate
+from parityrt.server.protocol.response import generate_response
 from parityrt.server.worker import EngineWorker
 
 OPEN_PATHS = ("/health", "/ready", "/metrics")
 VERSION = "0.5.23"  # the SGLang contract served
 HEALTH_TIMEOUT_S, HEALTH_POLL_S = 20.0, 0.1  # SGLang's HEALTH_CHECK_TIMEOUT; it polls every 1 s
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming handler checks that its client is still there
-SURROGATE = "The request holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode text."
 
 
 @dataclass(slots=True, kw_only=True)
@@ -60,9 +53,9 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _finals(out: asyncio.Queue, count: int) -> list[dict[str, Any]]:
-    results: list[dict[str, Any] | None] = [None] * count
-    while any(r is None or r["meta_info"]["finish_reason"] is None for r in results):
+async def _finals(out: asyncio.Queue, count: int) -> list[RequestOutput]:
+    results: list[RequestOutput | None] = [None] * count
+    while any(r is None or not r.finished for r in results):
         index, resp = await out.get()
         results[index] = resp
     return results  # type: ignore[return-value]
@@ -93,7 +86,7 @@ class Guard:
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > limit:
             err = BodyTooLarge(limit)
-            return await JSONResponse(P.error_object(err.detail, "413", 413), status_code=413)(scope, receive, send)
+            return await JSONResponse(S.error_object(err.detail, "413", 413), status_code=413)(scope, receive, send)
         seen = 0
 
         async def receive_capped() -> Message:  # chunked bodies carry no Content-Length
@@ -120,12 +113,11 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="parityrt (SGLang-compatible)")
     app.state.parityrt = state
     app.add_middleware(Guard, state=state)
-    engine_cfg = state.engine.cfg
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         # SGLang rewrites FastAPI's 422 to a 400 ErrorResponse
-        return JSONResponse(P.error_object(_validation_message(exc.errors()), "Bad Request", 400), status_code=400)
+        return JSONResponse(S.error_object(_validation_message(exc.errors()), "Bad Request", 400), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -134,28 +126,25 @@ def create_app(state: ServerState) -> FastAPI:
         # Starlette's class for it) and the body cap. Unknown routes and methods keep Starlette's {"detail": ...}.
         if exc.status_code in (404, 405):
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-        return JSONResponse(P.error_object(str(exc.detail), str(exc.status_code), exc.status_code),
+        return JSONResponse(S.error_object(str(exc.detail), str(exc.status_code), exc.status_code),
                             status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         # the last resort: a JSON body (never a bare 500 that drops the keep-alive connection), and no detail,
         # which could carry paths or internals; the traceback goes to the server log
-        return JSONResponse(P.error_object("Internal server error", "InternalServerError", 500), status_code=500)
+        return JSONResponse(S.error_object("Internal server error", "InternalServerError", 500), status_code=500)
 
     def parse(body: Any) -> tuple[list[GenerateRequest], bool]:
-        """Contract check and parse, tokenizing included: run on a worker thread (asyncio.to_thread), never on
-        the event loop, which serves every other client meanwhile."""
-        if has_lone_surrogate(body):  # first: the contract errors below would echo the string back
-            raise ValueError(SURROGATE)
-        check_contract(body)
-        tok, args = state.engine.tokenizer, state.engine.runner.module.args
-        return parse_generate(body, tok, args.vocab_size, engine_cfg.max_seq_len, state.limits)
+        """The body's one validation and parse, tokenizing included: run on a worker thread (asyncio.to_thread),
+        never on the event loop, which serves every other client meanwhile."""
+        info = state.engine.model_info()
+        return parse_generate(body, state.engine.tokenizer, info.vocab_size, info.max_seq_len, state.limits)
 
-    async def collect(request: Request, out: asyncio.Queue, requests: list[GenerateRequest]) -> list[dict[str, Any]] | None:
-        """The final responses of a non-streaming request, or None when the client went away first: its
+    async def collect(request: Request, out: asyncio.Queue, requests: list[GenerateRequest]) -> list[RequestOutput] | None:
+        """The final outputs of a non-streaming request, or None when the client went away first: its
         unfinished requests are then aborted, freeing their slots (streams do this in their `finally`)."""
-        results: list[dict[str, Any] | None] = [None] * len(requests)
+        results: list[RequestOutput | None] = [None] * len(requests)
         pending = set(range(len(requests)))
         get: asyncio.Task | None = None
         try:
@@ -168,7 +157,7 @@ def create_app(state: ServerState) -> FastAPI:
                     continue
                 (index, resp), get = get.result(), None
                 results[index] = resp
-                if resp["meta_info"]["finish_reason"] is not None:
+                if resp.finished:
                     pending.discard(index)
             return results  # type: ignore[return-value]
         finally:
@@ -177,19 +166,17 @@ def create_app(state: ServerState) -> FastAPI:
             if pending:
                 state.worker.abort_later([requests[i].rid for i in pending])
 
-    def failed(results: list[dict[str, Any]]) -> tuple[int, str] | None:
+    def failed(results: list[RequestOutput]) -> tuple[int, str] | None:
         """SGLang's non-stream abort with a status code (tokenizer_manager): (status, message), or None."""
         for r in results:
-            reason = r["meta_info"]["finish_reason"] or {}
-            code = reason.get("status_code")
-            if reason.get("type") == "abort" and isinstance(code, int) and 400 <= code < 600:
-                return code, str(reason.get("message"))
+            if (code := r.abort_status) is not None:
+                return code, str((r.finish_reason or {}).get("message"))
         return None
 
     # ---- /generate ----------------------------------------------------------------------------------------------
 
     @app.api_route("/generate", methods=["POST", "PUT"])
-    async def generate(obj: P.GenerateReqInput, request: Request):
+    async def generate(obj: S.GenerateReqInput, request: Request):
         body = await request.json()
         try:
             requests, as_list = await asyncio.to_thread(parse, body)
@@ -210,16 +197,18 @@ def create_app(state: ServerState) -> FastAPI:
             code, message = err
             if code == 400:
                 return JSONResponse({"error": {"message": message}}, status_code=400)
-            return JSONResponse(P.error_object(message, str(code), code), status_code=code)
-        return JSONResponse(results if as_list else results[0])
+            return JSONResponse(S.error_object(message, str(code), code), status_code=code)
+        bodies = [generate_response(r) for r in results]
+        return JSONResponse(bodies if as_list else bodies[0])
 
     async def _generate_stream(out: asyncio.Queue, requests: list[GenerateRequest], as_list: bool) -> AsyncIterator[bytes]:
         pending = set(range(len(requests)))
         try:
             while pending:
-                index, resp = await out.get()
-                if resp["meta_info"]["finish_reason"] is not None:
+                index, result = await out.get()
+                if result.finished:
                     pending.discard(index)
+                resp = generate_response(result)
                 yield _sse({**resp, "index": index} if as_list else resp)
             yield b"data: [DONE]\n\n"
         finally:
@@ -229,7 +218,7 @@ def create_app(state: ServerState) -> FastAPI:
     # ---- OpenAI -------------------------------------------------------------------------------------------------
 
     def openai_error(message: str) -> JSONResponse:
-        return JSONResponse(P.error_object(message, "BadRequestError", 400), status_code=400)
+        return JSONResponse(S.error_object(message, "BadRequestError", 400), status_code=400)
 
     async def require_json(request: Request) -> None:
         if request.headers.get("content-type", "").lower().split(";")[0].strip() != "application/json":
@@ -245,34 +234,35 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def openai_finals(request: Request, out: asyncio.Queue, requests: list[GenerateRequest],
                             render: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> Response:
+        """`render` turns the /generate responses into the OpenAI one, as SGLang's OpenAI serving does."""
         results = await collect(request, out, requests)
         if results is None:
             return Response(status_code=499)
         if (err := failed(results)) is not None:
-            return JSONResponse(P.error_object(err[1], "BadRequestError" if err[0] == 400 else str(err[0]), err[0]),
+            return JSONResponse(S.error_object(err[1], "BadRequestError" if err[0] == 400 else str(err[0]), err[0]),
                                 status_code=err[0])
-        return JSONResponse(render(results))
+        return JSONResponse(render([generate_response(r) for r in results]))
 
     @app.post("/v1/completions", dependencies=[Depends(require_json)])
-    async def completions(req: P.CompletionRequest, request: Request):
+    async def completions(req: O.CompletionRequest, request: Request):
         try:
-            body = P.completion_to_generate(req)
+            body = O.completion_to_generate(req)
             requests, out = await openai_submit(request, lambda: body)
         except ValueError as e:
             return openai_error(str(e))
         prompts = body["text"] if isinstance(body.get("text"), list) else [body.get("text") or ""]
         if not req.stream:
-            return await openai_finals(request, out, requests, lambda r: P.completion_response(r, req, req.model, prompts))
+            return await openai_finals(request, out, requests, lambda r: O.completion_response(r, req, req.model, prompts))
         return StreamingResponse(_openai_stream(out, requests, req, "completion", prompts), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_json)])
-    async def chat(req: P.ChatCompletionRequest, request: Request):
+    async def chat(req: O.ChatCompletionRequest, request: Request):
         try:
-            requests, out = await openai_submit(request, lambda: P.chat_to_generate(req, state.engine.tokenizer))
+            requests, out = await openai_submit(request, lambda: O.chat_to_generate(req, state.engine.tokenizer))
         except ValueError as e:
             return openai_error(str(e))
         if not req.stream:
-            return await openai_finals(request, out, requests, lambda r: P.chat_response(r, req, req.model))
+            return await openai_finals(request, out, requests, lambda r: O.chat_response(r, req, req.model))
         return StreamingResponse(_openai_stream(out, requests, req, "chat", []), media_type="text/event-stream")
 
     async def _openai_stream(out: asyncio.Queue, requests: list[GenerateRequest], req, kind: str,
@@ -288,16 +278,17 @@ def create_app(state: ServerState) -> FastAPI:
                                 "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
             left = n  # a count, not any() over finals per chunk: that was O(n²) for n = 50,000 samples
             while left:
-                i, resp = await out.get()
+                i, result = await out.get()
+                resp = generate_response(result)
                 meta = resp["meta_info"]
                 text = resp["text"][sent_text[i]:]
                 if kind == "completion" and req.echo and sent_text[i] == 0 and sent_lp[i] == 0:
                     text = prompts[i // req.n] + text
-                reason, matched = P.finish_fields(meta)
+                reason, matched = O.finish_fields(meta)
                 logprobs = None
                 if (req.logprobs if kind == "chat" else req.logprobs is not None):
-                    logprobs = (P.completion_logprobs(meta, False, sent_lp[i]) if kind == "completion"
-                                else P.chat_logprobs(meta, sent_lp[i]))
+                    logprobs = (O.completion_logprobs(meta, False, sent_lp[i]) if kind == "completion"
+                                else O.chat_logprobs(meta, sent_lp[i]))
                     sent_lp[i] = len(meta["output_token_logprobs"])
                 sent_text[i] = len(resp["text"])
                 choice = {"index": i, "logprobs": logprobs, "finish_reason": reason, "matched_stop": matched}
@@ -308,7 +299,7 @@ def create_app(state: ServerState) -> FastAPI:
                     left -= 1
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({"id": sid, "object": obj, "created": created, "model": req.model, "choices": [],
-                            "usage": P.usage(finals, req.n)})
+                            "usage": O.usage(finals, req.n)})
             yield b"data: [DONE]\n\n"
         finally:
             unfinished = [requests[i].rid for i, f in enumerate(finals) if f is None]
@@ -329,7 +320,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     def model_card() -> dict[str, Any]:
         return {"id": state.served_model_name, "object": "model", "created": int(state.started), "owned_by": "sglang",
-                "root": state.served_model_name, "parent": None, "max_model_len": engine_cfg.max_seq_len}
+                "root": state.served_model_name, "parent": None, "max_model_len": state.engine.model_info().max_seq_len}
 
     # ---- health and info ----------------------------------------------------------------------------------------
 
@@ -372,13 +363,14 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/get_server_info")
     @app.get("/server_info")
     async def server_info():
-        sched = state.engine.scheduler
+        info, stats = state.engine.model_info(), state.engine.stats()
+        load = {"last_gen_throughput": state.worker.gen_throughput, "avg_spec_accept_length": None,
+                "num_running_reqs": stats.num_running, "num_waiting_reqs": stats.num_waiting,
+                "num_used_tokens": stats.num_used_tokens, "token_usage": stats.token_usage}
         return {**state.server_args, "model_path": state.model_path, "weight_version": state.engine.weight_version,
-                "max_total_num_tokens": state.engine.kv.num_pages * engine_cfg.page_size,
-                "max_req_input_len": engine_cfg.max_seq_len - 1, "status": "ready", "startup_time": state.started,
-                "internal_states": [{"last_gen_throughput": state.worker.gen_throughput, "avg_spec_accept_length": None,
-                                     "num_running_reqs": len(sched.running), "num_waiting_reqs": len(sched.waiting)}],
-                "version": VERSION, "frontend": "python"}
+                "max_total_num_tokens": info.max_total_tokens, "max_req_input_len": info.max_seq_len - 1,
+                "status": "ready", "startup_time": state.started, "internal_states": [load], "version": VERSION,
+                "frontend": "python"}
 
     @app.get("/get_weight_version")  # removed in SGLang 0.5.23; slime still calls it
     async def get_weight_version():
@@ -388,25 +380,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
-        def flush() -> bool:
-            if state.engine.has_work():
-                return False
-            state.engine.kv.clear()
-            state.engine.states.clear()
-            return True
-
-        if await state.worker.call(flush):
+        if await state.worker.call(state.engine.flush_cache):
             return Response("Cache flushed.\nPlease check backend logs for more details. (When there are running or "
                             "waiting requests, the operation will not be performed.)\n", status_code=200)
         return Response("Cache not flushed because there are pending requests.\n", status_code=400)
 
     @app.post("/abort_request")
-    async def abort_request(obj: P.AbortReq):
+    async def abort_request(obj: S.AbortReq):
         await state.worker.call(lambda: state.worker.abort(None if obj.abort_all else obj.rid))
         return Response(status_code=200)
 
     @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(obj: P.UpdateWeightsReq):
+    async def update_weights_from_disk(obj: S.UpdateWeightsReq):
         try:
             model = await asyncio.to_thread(state.load_model, obj.model_path)
         except Exception as e:  # any failure to load leaves the old weights serving
@@ -425,7 +410,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 
     @app.post("/update_weight_version")
-    async def update_weight_version(obj: P.UpdateWeightVersionReq):
+    async def update_weight_version(obj: S.UpdateWeightVersionReq):
         def update() -> None:
             if obj.abort_all_requests:
                 state.worker.abort(None)

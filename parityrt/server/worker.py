@@ -1,5 +1,5 @@
 """The engine thread. The engine is single-threaded: HTTP handlers never touch it, they send commands (run on this
-thread between steps) and read their requests' responses from an asyncio queue."""
+thread between steps) and read their requests' RequestOutputs from an asyncio queue."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from parityrt.engine.engine import Engine
-from parityrt.engine.request import GenerateRequest
-from parityrt.engine.scheduler import Sequence, Status
+from parityrt.engine.api import Engine, GenerateRequest, RequestOutput
 
 log = logging.getLogger("parityrt.server")
 
@@ -21,9 +19,8 @@ log = logging.getLogger("parityrt.server")
 @dataclass(slots=True)
 class Listener:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # (index, response) items
+    queue: asyncio.Queue  # (index, RequestOutput) items
     index: int
-    stream: bool
 
 
 class EngineWorker:
@@ -61,30 +58,25 @@ class EngineWorker:
         return await fut
 
     async def submit(self, requests: list[GenerateRequest]) -> asyncio.Queue:
-        """Add the requests (all or none) and return the queue their (index, response) items arrive on."""
+        """Add the requests (all or none) and return the queue their (index, RequestOutput) items arrive on."""
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
 
         def add() -> None:
-            clash = next((r.rid for r in requests if r.rid in self.engine.seqs), None)
-            if clash is not None:
-                raise ValueError(f"Duplicate request ID detected: {clash}")
+            self.engine.submit(requests)  # raises before adding any
             for i, req in enumerate(requests):
-                self.listeners[req.rid] = Listener(loop, out, i, req.stream)
-                self.engine.add(req)
+                self.listeners[req.rid] = Listener(loop, out, i)
 
         await self.call(add)
         return out
 
     def abort_later(self, rids: list[str]) -> None:
         """Abort from a context that cannot await (a closed stream, a client gone); O(requests) for any count."""
-        self.commands.put(lambda: [self._emit(s) for s in self.engine.abort_many(list(rids))])
+        self.commands.put(lambda: [self._emit(o) for o in self.engine.abort_requests(list(rids))])
 
-    def abort(self, rid: str | None) -> list[Sequence]:
-        """Engine thread only."""
-        aborted = self.engine.abort_many(None if rid is None else [rid])
-        for seq in aborted:
-            self._emit(seq)
-        return aborted
+    def abort(self, rid: str | None) -> None:
+        """Abort one request (None: all of them). Engine thread only."""
+        for out in self.engine.abort_requests(None if rid is None else [rid]):
+            self._emit(out)
 
     def _loop(self) -> None:
         while not self.stopped.is_set():
@@ -101,37 +93,21 @@ class EngineWorker:
             if self.stopped.is_set() or not self.engine.has_work():
                 continue
             t0 = time.perf_counter()
-            try:
-                changed = self.engine.step()
-            except Exception:  # Engine.step isolates a request that makes a step raise; this is the last resort
-                log.exception("engine step failed outside the model run; aborting the running requests")
-                for seq in list(self.engine.seqs.values()):
-                    if seq.status is Status.running:
-                        self.abort(seq.req.rid)
-                continue
-            if changed:
+            step = self.engine.step_outputs()
+            if step.moved:
                 self.last_output = time.monotonic()
-            new_tokens = sum(1 for s in changed if s.output_ids)
-            if new_tokens:
-                self.gen_throughput = new_tokens / max(time.perf_counter() - t0, 1e-9)
-            for seq in changed:
-                self._emit(seq)
+            if step.new_tokens:
+                self.gen_throughput = step.new_tokens / max(time.perf_counter() - t0, 1e-9)
+            for out in step.outputs:
+                self._emit(out)
 
-    def _emit(self, seq: Sequence) -> None:
-        listener = self.listeners.get(seq.req.rid)
-        finished = seq.status is Status.finished
-        if listener is None:
-            if finished:
-                self.engine.forget(seq.req.rid)
+    def _emit(self, out: RequestOutput) -> None:
+        listener = self.listeners.get(out.rid)
+        if listener is None:  # added without a listener (tests add to the engine directly)
             return
-        interval = seq.req.sampling.stream_interval
-        if not finished and not (listener.stream and len(seq.output_ids) % interval == 0):
-            return
-        item = (listener.index, self.engine.response(seq))
-        if finished:
-            del self.listeners[seq.req.rid]
-            self.engine.forget(seq.req.rid)
-        listener.loop.call_soon_threadsafe(listener.queue.put_nowait, item)
+        if out.finished:
+            del self.listeners[out.rid]
+        listener.loop.call_soon_threadsafe(listener.queue.put_nowait, (listener.index, out))
 
 
 def _settle(fut: asyncio.Future, result: Any, error: Exception | None) -> None:

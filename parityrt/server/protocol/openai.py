@@ -1,6 +1,5 @@
-"""HTTP shapes: the request models FastAPI parses first (as SGLang's dataclass and pydantic models do, so malformed
-bodies get FastAPI's validation errors), SGLang's error bodies, and the OpenAI completion/chat conversions to and
-from /generate records."""
+"""SGLang's OpenAI routes: the completion and chat request models (parsed by FastAPI first, as SGLang's pydantic
+models are) and their conversions to /generate bodies and from /generate responses."""
 
 from __future__ import annotations
 
@@ -8,29 +7,11 @@ import time
 from typing import Any, Optional, Union
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from parityrt.tokenizer import Tokenizer
 
 DEFAULT_MODEL_NAME = "default"
-
-
-class GenerateReqInput(BaseModel):
-    """The typed view of a /generate body (SGLang's GenerateReqInput types; unknown keys are ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-    rid: Optional[Union[str, list[str]]] = None
-    text: Optional[Union[list[str], str]] = None
-    input_ids: Optional[Union[list[list[int]], list[int]]] = None
-    sampling_params: Optional[Union[list[dict[str, Any]], dict[str, Any]]] = None
-    return_logprob: Optional[Union[list[bool], bool]] = None
-    logprob_start_len: Optional[Union[list[int], int]] = None
-    top_logprobs_num: Optional[Union[list[int], int]] = None
-    token_ids_logprob: Optional[Union[list[list[int]], list[int]]] = None
-    return_text_in_logprobs: bool = False
-    stream: bool = False
-    return_routed_experts: bool = False
-    return_prompt_token_ids: bool = False
 
 
 class StreamOptions(BaseModel):
@@ -91,31 +72,6 @@ class ChatCompletionRequest(_OpenAIBase):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
-
-
-class UpdateWeightVersionReq(BaseModel):
-    """SGLang's UpdateWeightVersionReqInput: a string version is required ({} and 5 are 400s, not "None"/"5")."""
-
-    new_version: StrictStr
-    abort_all_requests: StrictBool = True  # SGLang's default: running requests end with an abort first
-
-
-class AbortReq(BaseModel):
-    rid: str = ""
-    abort_all: bool = False
-
-
-class UpdateWeightsReq(BaseModel):
-    model_path: str
-    load_format: Optional[str] = None
-    abort_all_requests: bool = False
-    weight_version: Optional[str] = None
-    flush_cache: bool = True
-
-
-def error_object(message: str, type_: str, code: int) -> dict[str, Any]:
-    """SGLang's ErrorResponse (validation errors, OpenAI routes, HTTP exceptions)."""
-    return {"object": "error", "message": message, "type": type_, "param": None, "code": code}
 
 
 # ---- OpenAI -> /generate ----------------------------------------------------------------------------------------
