@@ -128,6 +128,18 @@ def test_bad_requests_get_sglang_errors_and_the_server_keeps_serving(srv, raw, s
     _ok(srv)
 
 
+def test_a_body_is_validated_once(srv, monkeypatch) -> None:
+    """Issue 12: /generate checked a body's contract and surrogates, then parsed it, checking them again."""
+    import parityrt.server.protocol.generate as protocol
+
+    calls = []
+    for name in ("_check_contract", "has_lone_surrogate"):
+        real = getattr(protocol, name)
+        monkeypatch.setattr(protocol, name, lambda body, real=real, name=name: calls.append(name) or real(body))
+    assert srv.post("/generate", {"text": "once", "sampling_params": GREEDY}).status_code == 200
+    assert sorted(calls) == ["_check_contract", "has_lone_surrogate"]
+
+
 def test_openai_route_errors(srv) -> None:
     r = httpx.post(srv.url + "/v1/completions", json={"prompt": "", "max_tokens": 2}, timeout=60)
     assert r.status_code == 400 and r.json()["type"] == "BadRequestError" and r.json()["object"] == "error"
