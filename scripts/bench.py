@@ -31,7 +31,7 @@ from torch import nn
 from parityrt.config import EngineConfig, compose_run, load_preset
 from parityrt.engine.engine import Engine
 from parityrt.generation import parse_records
-from parityrt.layers.cache import ForwardBatch, StateCache
+from parityrt.layers.cache import SequenceCache
 from parityrt.layers.moe import Experts
 from parityrt.numerics import NumericsPolicy, apply_process_settings, bind, with_ops
 from parityrt.tokenizer import Tokenizer
@@ -77,14 +77,12 @@ def _expert_bytes(model: nn.Module) -> tuple[int, list[tuple[nn.Module, int]]]:
     return dense, routed
 
 
-def _cache_bytes(caches: list[StateCache]) -> int:
-    total = 0
-    for c in caches:
-        for k, v in c.kv.values():
-            total += k.numel() * k.element_size() + v.numel() * v.element_size()
-        for s in c.recurrent.values():
-            total += 2 * s.numel() * s.element_size()  # read and written back
-    return total
+def _cache_bytes(cache: SequenceCache) -> int:
+    """Bytes a decode step reads from the cache: every cached K/V row of every layer, and the GDN recurrent
+    states (read and written back)."""
+    st, row_bytes = cache.stores, lambda t: t[0].numel() * t.element_size()
+    kv = sum(row_bytes(t) for t in (*st.k.values(), *st.v.values())) * sum(cache.cached)
+    return kv + sum(2 * row_bytes(t) for t in st.recurrent.values()) * len(cache.cached)
 
 
 def policy_from_spec(spec: str) -> NumericsPolicy:
@@ -140,14 +138,16 @@ def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: 
         pos = torch.arange(prompt_len, device=device).repeat(B)
         last = torch.arange(B, device=device) * prompt_len + prompt_len - 1
 
-        def prefill(caches):
+        max_len = prompt_len + steps + 2  # the prompt, the warm-up decode steps and the timed ones
+
+        def prefill(cache: SequenceCache):
             with torch.no_grad():
-                h = model(ids, pos, ForwardBatch([prompt_len] * B, caches))
+                h = model(ids, pos, cache.batch([prompt_len] * B))
                 return model.compute_logits(h[last])
 
-        prefill([StateCache() for _ in range(B)])  # warm-up: compiles the Triton kernels for these shapes
-        caches = [StateCache() for _ in range(B)]
-        t_prefill = _timed(lambda: prefill(caches))
+        prefill(SequenceCache(B, max_len, device))  # warm-up: compiles the Triton kernels for these shapes
+        cache = SequenceCache(B, max_len, device)
+        t_prefill = _timed(lambda: prefill(cache))
         nxt = torch.randint(0, vocab, (B,), generator=gen).to(device)
         step_no = [0]
 
@@ -155,7 +155,7 @@ def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: 
             p = torch.full((B,), prompt_len + step_no[0], device=device)
             step_no[0] += 1
             with torch.no_grad():
-                model.compute_logits(model(nxt, p, ForwardBatch([1] * B, caches)))
+                model.compute_logits(model(nxt, p, cache.batch([1] * B)))
 
         hits: list[torch.Tensor] = []
         hooks = [r.register_forward_hook(lambda _m, _i, out: hits.append(out[1])) for r, _ in routed]
@@ -164,12 +164,12 @@ def bench_policy(model: nn.Module, preset: str, batches: list[int], prompt_len: 
             h.remove()
         routed_bytes = sum(int(torch.unique(ids_TK).numel()) * per for ids_TK, (_, per) in zip(hits, routed))
         decode()
-        step_bytes = dense_bytes + routed_bytes + _cache_bytes(caches)
+        step_bytes = dense_bytes + routed_bytes + _cache_bytes(cache)
         t_step = _timed(decode, repeat=steps)
         rows.append({"preset": preset, "batch": B, "prefill_tok_s": B * prompt_len / t_prefill,
                      "prefill_ms": 1000 * t_prefill, "decode_tok_s": B / t_step, "decode_ms_step": 1000 * t_step,
                      "decode_bytes_step": step_bytes, "decode_GBps": step_bytes / t_step / 1e9})
-        caches.clear()  # frees the K/V before the engine runs allocate their pools
+        cache.stores.clear()  # frees the K/V before the engine runs allocate their pools
         if with_engine:
             for key, graphs in (("engine", False), ("graph", True)):
                 try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from parityrt.config import compose_run, load_preset
-from parityrt.layers.cache import ForwardBatch, StateCache
+from parityrt.layers.cache import ForwardBatch, SequenceCache
 from parityrt.numerics import apply_process_settings, bind
 from parityrt.weights import build_model, ensure_generated_checkpoint
 
@@ -27,7 +27,7 @@ def _ours(model, ids_BS: torch.Tensor) -> torch.Tensor:
     B, S = ids_BS.shape
     pos = torch.arange(S, device=ids_BS.device).repeat(B)
     with torch.no_grad():
-        return model.compute_logits(model(ids_BS.reshape(-1), pos, ForwardBatch.uniform(B, S))).view(B, S, -1)
+        return model.compute_logits(model(ids_BS.reshape(-1), pos, ForwardBatch.packed([S] * B, ids_BS.device))).view(B, S, -1)
 
 
 def _first_difference(ours, hf, ids_BS: torch.Tensor) -> str:
@@ -82,13 +82,22 @@ def hf_parity(name: str, cache_dir: str, device: str) -> dict:
     return out
 
 
-def _logits(model, seqs: list[torch.Tensor], starts: list[int], caches: list[StateCache | None]) -> list[torch.Tensor]:
-    """One forward over the sequences' tokens laid end to end (sequence i's tokens sit at positions starts[i]...);
-    returns each sequence's logits rows."""
+def _logits(model, seqs: list[torch.Tensor], starts: list[int], cache: SequenceCache | None = None,
+            members: list[int] | None = None) -> list[torch.Tensor]:
+    """One forward over the sequences' tokens laid end to end (sequence i's tokens sit at positions starts[i]...),
+    standalone or continuing the cache's sequences `members` (ascending; default all); returns each sequence's
+    logits rows."""
     ids = torch.cat(seqs)
     pos = torch.cat([torch.arange(s, s + len(x), device=ids.device) for s, x in zip(starts, seqs)])
+    if cache is None:
+        batch = ForwardBatch.packed([len(x) for x in seqs], ids.device)
+    else:
+        lens = [0] * len(cache.cached)
+        for i, x in zip(members if members is not None else range(len(seqs)), seqs):
+            lens[i] = len(x)
+        batch = cache.batch(lens)
     with torch.no_grad():
-        logits = model.compute_logits(model(ids, pos, ForwardBatch([len(x) for x in seqs], caches)))
+        logits = model.compute_logits(model(ids, pos, batch))
     return list(torch.split(logits, [len(x) for x in seqs]))
 
 
@@ -128,15 +137,15 @@ def decode_first_difference(model, seq: torch.Tensor) -> str:
     output (execution order) whose rows of the decoded positions differ."""
     n, half = len(seq), len(seq) // 2
     full, handles = _record(model, n)
-    _logits(model, [seq], [0], [None])
+    _logits(model, [seq], [0])
     for h in handles:
         h.remove()
-    cache = StateCache()
-    _logits(model, [seq[:half]], [0], [cache])
+    cache = SequenceCache(1, n, seq.device)
+    _logits(model, [seq[:half]], [0], cache)
     steps: dict[str, list[torch.Tensor]] = {}
     for t in range(half, n):
         rec, handles = _record(model, 1)
-        _logits(model, [seq[t : t + 1]], [t], [cache])
+        _logits(model, [seq[t : t + 1]], [t], cache)
         for h in handles:
             h.remove()
         for key, rows in rec.items():
@@ -163,12 +172,12 @@ def invariance(name: str, cache_dir: str, presets: list[str], device: str, n_seq
         apply_process_settings(policy)
         bind(model, policy)
         t0 = time.perf_counter()
-        alone = [_logits(model, [s], [0], [None])[0] for s in seqs]
-        batches = {n: _logits(model, seqs[:n], [0] * n, [None] * n) for n in sorted({min(8, n_seqs), n_seqs})}
+        alone = [_logits(model, [s], [0])[0] for s in seqs]
+        batches = {n: _logits(model, seqs[:n], [0] * n) for n in sorted({min(8, n_seqs), n_seqs})}
         # decode: prefill half of every sequence (one batch), then one token per sequence per step
-        caches = [StateCache() for _ in seqs]
+        cache = SequenceCache(n_seqs, max(lens), device)
         half = [max(1, n // 2) for n in lens]
-        decoded = [[rows] for rows in _logits(model, [s[:h] for s, h in zip(seqs, half)], [0] * n_seqs, caches)]
+        decoded = [[rows] for rows in _logits(model, [s[:h] for s, h in zip(seqs, half)], [0] * n_seqs, cache)]
         batch_sizes = []
         for t in range(max(lens)):
             live = [i for i, (h, n) in enumerate(zip(half, lens)) if h + t < n]
@@ -176,7 +185,7 @@ def invariance(name: str, cache_dir: str, presets: list[str], device: str, n_seq
                 break
             batch_sizes.append(len(live))
             rows = _logits(model, [seqs[i][half[i] + t : half[i] + t + 1] for i in live], [half[i] + t for i in live],
-                           [caches[i] for i in live])
+                           cache, live)
             for i, r in zip(live, rows):
                 decoded[i].append(r)
         decode = _compare(alone, [torch.cat(d) for d in decoded])

@@ -10,7 +10,7 @@ replay are the same batch with other numbers in it (nano-vllm's per-step context
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -73,6 +73,7 @@ class ForwardBatch:
     state_slot_B: torch.Tensor  # int64 [B]: GDN state slot
     has_state_B: torch.Tensor  # bool [B]: the slot holds the state after earlier tokens (else: start from zeros)
     cache: Cache
+    plans: dict = field(default_factory=dict)  # per-step kernel plans made on the host (FlashInfer), shared by layers
 
     @property
     def max_len(self) -> int:

@@ -1,4 +1,4 @@
-"""FlashInfer fast paths (engine_fast on a GPU): RMSNorm with fused add, and attention.
+"""FlashInfer fast paths (engine_fast_gpu): RMSNorm with fused add, and attention over a varlen batch.
 
 flashinfer-python is the optional `gpu` extra. A policy that names FlashInfer without it installed, or on a
 device FlashInfer cannot run on, fails here with a clear error; nothing falls back to another kernel.
@@ -59,21 +59,29 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, w: torch.Tensor, eps: fl
     return (normed * torch.nn.functional.silu(gate.float())).to(x.dtype)
 
 
-def attention(q_BHSD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal GQA attention, one sequence at a time (B = 1, as the layers call it): single_prefill for S > 1
-    (queries aligned to the end of the keys), single_decode for S = 1."""
-    fi = _flashinfer("attention.impl", q_BHSD, k_BHLD, v_BHLD)
-    if q_BHSD.shape[0] != 1:
-        raise ValueError(f"attention.impl=flashinfer takes one sequence per call (got batch {q_BHSD.shape[0]})")
-    dqk, dv = q_BHSD.shape[-1], v_BHLD.shape[-1]
+_WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's scratch for its split-KV partial results
+
+
+def attention(q_THD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Tensor, batch, scale: float) -> torch.Tensor:
+    """Causal GQA attention over the varlen batch in one FlashInfer launch: BatchPrefillWithRaggedKVCacheWrapper
+    (the prefill kernels serve decode rows too, and take any integer GQA group; FlashInfer's decode kernels have
+    a fixed set of group sizes, and 16 is not in it) over each sequence's keys gathered from the stores. The
+    causal mask aligns a sequence's queries to the end of its keys. One plan per step and head shape, on the
+    host, kept on the batch (`batch.plans`) for the step's other layers."""
+    fi = _flashinfer("attention.impl", q_THD, k_NHD, v_NHD)
+    dqk, dv = q_THD.shape[-1], v_NHD.shape[-1]
     if dqk != dv or dqk not in (64, 128, 256):
-        # seen on an H100 with flashinfer 0.5.3: absorbed MLA (576/512) fails in the JIT build of single_prefill
-        raise ValueError(f"attention.impl=flashinfer: FlashInfer's single prefill/decode kernels take equal q·k and v "
-                         f"head dims of 64, 128 or 256, got {dqk}/{dv} (absorbed MLA needs its MLA kernels, not wired "
-                         f"here): use attention.impl=sdpa, or mla.absorb=false")
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q_BHSD, k_BHLD, v_BHLD))  # [n, heads, D]
-    if q.shape[0] == 1:
-        o = fi.single_decode_with_kv_cache(q[0], k, v, sm_scale=scale)[None]
-    else:
-        o = fi.single_prefill_with_kv_cache(q, k, v, causal=True, sm_scale=scale)
-    return o.transpose(0, 1)[None]
+        # seen on an H100 with flashinfer 0.5.3: absorbed MLA (576/512) fails in the JIT build of the prefill kernels
+        raise ValueError(f"attention.impl=flashinfer: FlashInfer's prefill kernels take equal q·k and v head dims "
+                         f"of 64, 128 or 256, got {dqk}/{dv} (absorbed MLA needs its MLA kernels, not wired here): "
+                         f"use attention.impl=sdpa or triton, or mla.absorb=false")
+    key = (q_THD.shape[1], k_NHD.shape[1], dqk, q_THD.dtype)
+    wrapper = batch.plans.get(key)
+    if wrapper is None:
+        workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=q_THD.device)
+        wrapper = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+        wrapper.plan(batch.cu_seqlens_q.cpu(), batch.cu_seqlens_k.cpu(), q_THD.shape[1], k_NHD.shape[1], dqk,
+                     causal=True, sm_scale=scale, q_data_type=q_THD.dtype, kv_data_type=k_NHD.dtype)
+        batch.plans[key] = wrapper
+    k, v = k_NHD[batch.kv_rows_N], v_NHD[batch.kv_rows_N]
+    return wrapper.run(q_THD.contiguous(), k, v)
