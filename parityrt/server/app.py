@@ -137,7 +137,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     def parse(body: Any) -> tuple[list[GenerateRequest], bool]:
         """The body's one validation and parse, tokenizing included: run on a worker thread (asyncio.to_thread),
-        never on the event loop, which serves every other client meanwhile."""
+        never on the event loop, which serves every other client meanwhile. model_info and the tokenizer only
+        read: safe off the engine thread."""
         info = state.engine.model_info()
         return parse_generate(body, state.engine.tokenizer, info.vocab_size, info.max_seq_len, state.limits)
 
