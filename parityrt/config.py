@@ -53,9 +53,6 @@ class EngineConfig:
     max_total_tokens: int = 32768
     max_running_requests: int = 32  # also the number of GDN state slots
     chunked_prefill_size: int = 512  # new tokens per step (prefill chunks and decodes together)
-    # Pad steps and pin attention kernels so that a row's bits do not depend on the batch's shape (CPU: see
-    # parityrt/engine/model_runner.py). null: on when the policy samples with seeded Gumbel-max (invariant presets).
-    shape_stable_kernels: bool | None = None
     # Replay decode steps (every running sequence at one new token) as CUDA graphs, captured per batch and page
     # bucket on first use (parityrt/engine/cuda_graph.py). CUDA, TP = 1, and a policy whose ops can be captured
     # (a clear error otherwise). Decode steps of more than cuda_graph_max_bs sequences run without a graph.

@@ -268,6 +268,9 @@ class LayerOverride:
 class NumericsPolicy:
     name: str = "custom"
     deterministic: bool = True  # torch.use_deterministic_algorithms, TF32 off
+    # Engine steps padded to a multiple of 64 tokens and, on CPU, run with oneDNN off, so that a row's bits do not
+    # depend on how many rows share a GEMM or an elementwise kernel (parityrt/engine/model_runner.py).
+    shape_stable: bool = False
     kernels: KernelBackend = KernelBackend.torch  # what `impl: auto` means for every op
     ops: OpsNumerics = field(default_factory=OpsNumerics)
     overrides: list[LayerOverride] = field(default_factory=list)  # later entries win
@@ -328,6 +331,7 @@ def bind(model: nn.Module, policy: NumericsPolicy) -> dict[str, dict[str, Any]]:
             except ValueError as e:
                 raise ValueError(f"numerics {policy.name!r} cannot run {fqn} ({op}): {e}") from None
         table[fqn] = {"op": op, **to_jsonable(module.nx)}
+    model.numerics_policy = policy  # what the engine reads its policy-wide switches from (shape_stable)
     for ov in policy.overrides:
         if not any(t["op"] == ov.op and fnmatch.fnmatchcase(name, ov.pattern) for name, t in table.items()):
             raise ValueError(f"override {ov.pattern!r} for {ov.op} matches no module of that kind (names look like "

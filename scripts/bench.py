@@ -104,7 +104,7 @@ def engine_decode_engine(model: nn.Module, B: int, prompt_len: int, steps: int, 
     tok = Tokenizer.from_dir()
     room = prompt_len + steps + 8
     cfg = EngineConfig(max_seq_len=room, max_total_tokens=B * room + 64, max_running_requests=B,
-                       chunked_prefill_size=max(B * prompt_len, 512), shape_stable_kernels=False,
+                       chunked_prefill_size=max(B * prompt_len, 512),
                        cuda_graph=graphs, cuda_graph_max_bs=B)
     engine = Engine(model, tok, model.args.eos_token_id, cfg)
     gen = torch.Generator().manual_seed(1)

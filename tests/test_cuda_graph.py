@@ -5,6 +5,8 @@ also checks the engine's batch invariance on the Triton kernels (a request alone
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ def test_static_decode_forward_matches_the_engines_decode(cache_dir, name, prese
     covers GQA, GDN and absorbed MLA, hf_eager MLA expanded through kv_b_proj."""
     model, _ = build_model(tiny_model_config(name, cache_dir=str(cache_dir), dtype="float32"))
     bind(model, load_preset(preset))
-    cfg = EngineConfig(page_size=4, max_total_tokens=512, max_seq_len=128, shape_stable_kernels=False)
+    cfg = EngineConfig(page_size=4, max_total_tokens=512, max_seq_len=128)
     requests = _requests(5)
     plain = _outputs(Engine(model, TOK, model.args.eos_token_id, cfg), requests)
     engine = _static_engine(model, cfg)
@@ -79,8 +81,8 @@ def test_cuda_graphs_need_the_model_on_a_cuda_device(cache_dir) -> None:
 @pytest.mark.parametrize("name", ["qwen3_5_moe_tiny", "kimi_k25_tiny"])
 def test_graph_decode_is_bitwise_eager_decode_under_rl_parity_gpu(cache_dir, name) -> None:
     model, _ = build_model(tiny_model_config(name, cache_dir=str(cache_dir), device="cuda"))
-    bind(model, load_preset("rl_parity_gpu"))
-    cfg = dict(page_size=4, max_total_tokens=2048, max_seq_len=256, shape_stable_kernels=False)
+    bind(model, dataclasses.replace(load_preset("rl_parity_gpu"), shape_stable=False))  # graph steps are unpadded
+    cfg = dict(page_size=4, max_total_tokens=2048, max_seq_len=256)
     requests = _requests(9)
     eager = _outputs(Engine(model, TOK, model.args.eos_token_id, EngineConfig(**cfg)), requests)
     engine = Engine(model, TOK, model.args.eos_token_id, EngineConfig(cuda_graph=True, cuda_graph_max_bs=8, **cfg))

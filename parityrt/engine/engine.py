@@ -94,7 +94,7 @@ class Engine:
         self.set_weight_version(weight_version)
         module = inner_module(model)
         self.gumbel = module.sampler.nx.method == SamplingMethod.gumbel
-        stable = self.cfg.shape_stable_kernels if self.cfg.shape_stable_kernels is not None else self.gumbel
+        stable = module.numerics_policy.shape_stable
         if self.graphs is not None:
             self.graphs.bind(module)
         self.runner = ModelRunner(model, self.kv, self.states, stable, sorted(self.eos), self.graphs)
