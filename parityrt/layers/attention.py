@@ -1,9 +1,9 @@
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
-
-from functools import partial
 
 from kernels.attention import attention_split_kv_varlen, attention_varlen_ref, eager_attention_ref, sdpa_attention
 from parityrt.layers import flashinfer_ops
