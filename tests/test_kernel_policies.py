@@ -90,3 +90,32 @@ def test_rl_parity_gpu_kernels_compute_what_the_torch_ops_compute(cache_dir, nam
     reference = model_logits(model, ids)
     bind(model, load_preset("rl_parity_gpu"))
     assert (model_logits(model, ids) - reference).abs().max().item() < 5e-5
+
+
+@pytest.mark.cuda
+def test_engine_fast_gpu_serves_a_gqa_group_of_16(cache_dir) -> None:
+    """The Qwen3.5 slice has 32 query heads on 2 KV heads; FlashInfer's decode kernels refuse that group size
+    ("Unsupported group_size: 16"), so attention.impl=flashinfer runs every step, decode included, as one ragged
+    batch-prefill launch. Prefill logits agree with sdpa to bf16 noise, and the engine decodes through it."""
+    pytest.importorskip("flashinfer", reason="flashinfer-python (the gpu extra) is not installed")
+    from parityrt.config import EngineConfig
+    from parityrt.engine.engine import Engine
+    from parityrt.generation import parse_records
+    from parityrt.tokenizer import Tokenizer
+
+    cfg = tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir), device="cuda")
+    cfg.hf_config = {**cfg.hf_config, "num_attention_heads": 32}
+    model, _ = build_model(cfg)
+    ids = torch.randint(0, model.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    bind(model, load_preset("engine_fast_gpu"))
+    fast = model_logits(model, ids.cuda()).float()
+    bind(model, with_ops(load_preset("engine_fast_gpu"), attention={"impl": "sdpa"}))
+    sdpa = model_logits(model, ids.cuda()).float()
+    assert (fast - sdpa).abs().max().item() <= 0.05 * sdpa.abs().max().item()
+    bind(model, load_preset("engine_fast_gpu"))
+    tok = Tokenizer.from_dir()
+    engine = Engine(model, tok, model.args.eos_token_id, EngineConfig(max_total_tokens=2048, max_seq_len=256))
+    requests = [r for i in range(3) for r in parse_records(
+        {"rid": f"r{i}", "input_ids": ids[i % 2, : 10 + 9 * i].tolist(),
+         "sampling_params": {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}}, tok, 2048, 256)]
+    assert [len(s.output_ids) for s in engine.generate(requests)] == [12, 12, 12]
