@@ -74,6 +74,9 @@ class ForwardBatch:
     has_state_B: torch.Tensor  # bool [B]: the slot holds the state after earlier tokens (else: start from zeros)
     cache: Cache
     plans: dict = field(default_factory=dict)  # per-step kernel plans made on the host (FlashInfer), shared by layers
+    # routing replay (R3): the expert ids each token must take, [T, MoE layers, top-k] (the server's
+    # return_routed_experts, in router order); None: every router chooses
+    routed_experts_TLK: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
