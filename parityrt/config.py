@@ -77,12 +77,20 @@ class ServerConfig:
 
 
 @dataclass(slots=True, kw_only=True)
+class TrainConfig:
+    world_size: int = 1  # FSDP2 data-parallel ranks on this host (gloo on CPU, NCCL on CUDA)
+    micro_batch_tokens: int = 4096  # tokens packed into one trainer forward (whole sequences only)
+    timeout_s: int = 300  # a collective that waits longer fails the job instead of hanging
+
+
+@dataclass(slots=True, kw_only=True)
 class RunConfig:
     model: ModelConfig = MISSING
     numerics: NumericsPolicy = MISSING
     parallel: ParallelConfig = MISSING
     engine: EngineConfig = MISSING
     server: ServerConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
     input: str | None = None  # scripts/generate.py: JSONL of SGLang /generate requests
     output: str | None = None  # scripts/generate.py: JSONL of SGLang /generate responses (default: run dir)
     progress: bool = True

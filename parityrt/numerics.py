@@ -357,6 +357,11 @@ def write_resolved(run_dir: Path, policy: NumericsPolicy, table: dict[str, dict[
     return path
 
 
+# shape_stable steps (engine and trainer) are padded to a multiple of this many tokens: a multiple of the vector
+# step of bf16/fp32 elementwise kernels, and above the CPU GEMM thresholds for K·N >= 65 (engine/model_runner.py)
+STABLE_ROWS = 64
+
+
 @contextmanager
 def onednn(enabled: bool) -> Iterator[None]:
     """torch's oneDNN switch set while inside (not torch.backends.mkldnn.flags, which also resets its TF32 switch and

@@ -26,9 +26,8 @@ from parityrt.engine.kv_cache import SCRATCH_TOKENS, KVPool, StatePool
 from parityrt.engine.sampler import sampling_tensors
 from parityrt.engine.scheduler import Sequence
 from parityrt.layers.cache import ForwardBatch
-from parityrt.numerics import onednn
+from parityrt.numerics import STABLE_ROWS, onednn
 
-STABLE_ROWS = 64  # a multiple of the vector step of bf16/fp32 kernels; above the GEMM thresholds for K·N >= 65
 assert STABLE_ROWS - 1 <= SCRATCH_TOKENS  # the padding sequence fits in the scratch pages
 TopList = list[tuple[float, int]]
 
