@@ -11,6 +11,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from parityrt.numerics import NumericsPolicy
@@ -78,6 +79,7 @@ class ServerConfig:
 
 @dataclass(slots=True, kw_only=True)
 class TrainConfig:
+    numerics: str | None = None  # the trainer's preset when it differs from the run's (scripts/train_rl.py)
     world_size: int = 1  # FSDP2 data-parallel ranks on this host (gloo on CPU, NCCL on CUDA)
     micro_batch_tokens: int = 4096  # tokens packed into one trainer forward (whole sequences only)
     timeout_s: int = 300  # a collective that waits longer fails the job instead of hanging
@@ -122,7 +124,10 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_run(overrides: list[str] | None = None, config_name: str = "config") -> RunConfig:
-    """Compose conf/ exactly as the launchers do (for tests, notebooks and scripts that run several cells)."""
+    """Compose conf/ exactly as the launchers do (for tests, notebooks and scripts that run several cells). Inside
+    a Hydra app (whose config path is conf/ too) its own initialisation is reused."""
+    if GlobalHydra.instance().is_initialized():
+        return to_run_config(compose(config_name=config_name, overrides=list(overrides or [])))
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return to_run_config(compose(config_name=config_name, overrides=list(overrides or [])))
 
