@@ -15,7 +15,7 @@ from models.base import CausalLM
 from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.head import Embedding, LMHead, Logprobs
 from parityrt.layers.mla import MLAttention
-from parityrt.layers.moe import MLP, DeepseekMoe
+from parityrt.layers.moe import MLP, DeepseekMoe, number_routers
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import RotaryEmbedding
 from parityrt.layers.sampler import Sampler
@@ -100,7 +100,8 @@ class DecoderLayer(nn.Module):
             a.qk_rope_head_dim, a.v_head_dim, scale, HF_LATENT_NORM_EPS, i, dtype,
         )
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, zero_centred=False, dtype=dtype)
-        if i < a.first_k_dense_replace:
+        self.is_moe = i >= a.first_k_dense_replace
+        if not self.is_moe:
             self.mlp = MLP(a.hidden_size, a.intermediate_size, dtype)
         else:
             self.mlp = DeepseekMoe(
@@ -111,7 +112,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, cos_sin, batch: ForwardBatch):
         h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.self_attn(h, cos_sin, batch), residual)
-        return self.mlp(h), residual
+        return (self.mlp(h, batch.routed_experts_TLK) if self.is_moe else self.mlp(h)), residual
 
 
 class KimiK25ForCausalLM(CausalLM):
@@ -128,6 +129,7 @@ class KimiK25ForCausalLM(CausalLM):
         self.lm_head = LMHead(a.vocab_size, a.hidden_size, dtype)
         self.logprobs = Logprobs()
         self.sampler = Sampler()
+        number_routers(self)  # the dense first layers have none: router i is layer first_k_dense_replace + i's
 
     def rope(self, pos_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(pos_T[None])

@@ -14,7 +14,7 @@ from parityrt.layers.attention import GatedAttention
 from parityrt.layers.cache import ForwardBatch
 from parityrt.layers.gdn import GatedDeltaNet
 from parityrt.layers.head import Embedding, LMHead, Logprobs
-from parityrt.layers.moe import Qwen35SparseMoe
+from parityrt.layers.moe import Qwen35SparseMoe, number_routers
 from parityrt.layers.norm import RMSNorm
 from parityrt.layers.rope import MRotaryEmbedding
 from parityrt.layers.sampler import Sampler
@@ -95,7 +95,7 @@ class DecoderLayer(nn.Module):
         h, residual = self.input_layernorm(x, residual)
         h = self.linear_attn(h, batch) if self.is_linear else self.self_attn(h, cos_sin, batch)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, batch.routed_experts_TLK), residual
 
 
 class Qwen35MoeForCausalLM(CausalLM):
@@ -114,6 +114,7 @@ class Qwen35MoeForCausalLM(CausalLM):
         self.lm_head = LMHead(a.vocab_size, a.hidden_size, dtype)
         self.logprobs = Logprobs()
         self.sampler = Sampler()
+        number_routers(self)  # every layer is MoE: router i is layer i's
 
     def rope(self, pos_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(pos_T.view(1, 1, -1).expand(3, 1, -1))  # text: one position on every mRoPE axis

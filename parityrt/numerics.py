@@ -139,6 +139,10 @@ class RouterNumerics:
     impl: Impl = Impl.auto  # the router GEMM
     logits_dtype: RouterDtype = RouterDtype.native
     weights_dtype: RouterDtype = RouterDtype.native
+    # routing replay (R3): take the expert ids from the batch (ForwardBatch.routed_experts_TLK, the server's
+    # return_routed_experts) instead of choosing them; the weights are still this router's own, recomputed from its
+    # logits with the same normalisation and dtypes, so the router keeps its gradients. Off: the router chooses.
+    replay: bool = False
 
 
 @dataclass(slots=True, kw_only=True)

@@ -46,9 +46,43 @@ class MLP(nn.Module):
         return self.down_proj(gate_up_silu(x_TH, self.gate_up_proj, self.nx.fuse_gate_up, mm))
 
 
+def number_routers(model: nn.Module) -> None:
+    """Give every router its index among the MoE layers, in model.modules() order: the layer order of the
+    engine's routed experts (parityrt/engine/model_runner.py) and so of ForwardBatch.routed_experts_TLK."""
+    routers = [m for m in model.modules() if getattr(m, "numerics_op", None) == "router"]
+    for i, router in enumerate(routers):
+        router.moe_layer, router.moe_layers = i, len(routers)
+
+
+def replayed_ids(router: nn.Module, routed_TLK: torch.Tensor | None, own_ids_TK: torch.Tensor) -> torch.Tensor | None:
+    """Routing replay (R3): this router's slice of the batch's routed experts, int64 [T, K], or None when the router
+    chooses. A row of -1 (a token the server never routed: the last sampled one, padding) keeps the router's own
+    choice for that token. Replay without ids, or ids without replay, is an error: never a silent fallback."""
+    layer, replay = router.moe_layer, router.nx.replay
+    if routed_TLK is None:
+        if replay:
+            raise ValueError(f"router.replay is on but the batch carries no routed experts for MoE layer {layer} "
+                             "(ForwardBatch.routed_experts_TLK is None): give the server's return_routed_experts "
+                             "(parityrt/routing_replay.py) or turn router.replay off")
+        return None
+    if not replay:
+        raise ValueError(f"the batch carries routed experts but router.replay is off for MoE layer {layer}: turn "
+                         "router.replay on to replay them, or leave ForwardBatch.routed_experts_TLK None")
+    if layer is None:
+        raise RuntimeError("this router has no MoE-layer index: the model must call number_routers(self) after "
+                           "building its layers")
+    T, K = own_ids_TK.shape
+    if routed_TLK.dim() != 3 or tuple(routed_TLK.shape) != (T, router.moe_layers, K):
+        raise ValueError(f"routed experts must be [tokens={T}, MoE layers={router.moe_layers}, top-k={K}], got "
+                         f"{tuple(routed_TLK.shape)}")
+    replay_TK = routed_TLK[:, layer].to(own_ids_TK.dtype)  # the server's int32 -> the int64 that gather takes
+    return torch.where(replay_TK >= 0, replay_TK, own_ids_TK)
+
+
 class SoftmaxTopKRouter(nn.Module):
     """Qwen3.5 router: logits, fp32 softmax, top-k (sorted), renormalised in fp32; transformers then casts the
-    weights to the logits dtype (native) - fp32 keeps them."""
+    weights to the logits dtype (native) - fp32 keeps them. Under replay the ids come from routed_TLK and the
+    weights are the same fp32 probabilities gathered at them (bitwise the top-k values where the ids agree)."""
 
     numerics_op = "router"
 
@@ -56,14 +90,21 @@ class SoftmaxTopKRouter(nn.Module):
         super().__init__()
         self.weight = make_param(experts, hidden, dtype=dtype)
         self.top_k = top_k
+        self.moe_layer: int | None = None  # index among the MoE layers (number_routers), for routing replay
+        self.moe_layers = 0
         self.nx = Unbound("router")
 
-    def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_TH: torch.Tensor, routed_TLK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # fp32: the GEMM over upcast inputs; native = model for Qwen3.5: the GEMM runs in bf16
         fp32 = self.nx.logits_dtype == RouterDtype.fp32
         logits_TE = matmul(x_TH, self.weight, self.nx.impl, torch.float32 if fp32 else None)
         probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
         w_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if (replay_TK := replayed_ids(self, routed_TLK, ids_TK)) is not None:
+            # the replayed slots in the server's order (sorted by its probabilities): the fp32 renormalising sum
+            # below adds them in that order, as the server did
+            ids_TK = replay_TK
+            w_TK = probs_TE.gather(1, ids_TK)
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
         if self.nx.weights_dtype != RouterDtype.fp32:
             w_TK = w_TK.to(x_TH.dtype)
@@ -73,7 +114,8 @@ class SoftmaxTopKRouter(nn.Module):
 class SigmoidGroupedTopKRouter(nn.Module):
     """DeepSeek-V3 / Kimi router: sigmoid scores; the fp32 e_score_correction_bias is added for selection only;
     group-limited top-k (top-2 sum per group); weights are the unbiased scores of the chosen experts,
-    renormalised and times routed_scaling_factor. transformers runs it all in fp32 (native)."""
+    renormalised and times routed_scaling_factor. transformers runs it all in fp32 (native). Under replay the
+    ids come from routed_TLK (the bias then plays no part) and the weights are the same unbiased scores at them."""
 
     numerics_op = "router"
 
@@ -85,9 +127,11 @@ class SigmoidGroupedTopKRouter(nn.Module):
         self.weight = make_param(experts, hidden, dtype=dtype)
         self.e_score_correction_bias = make_param(experts, dtype=torch.float32)  # kept fp32, as HF keeps it
         self.top_k, self.n_group, self.topk_group, self.norm, self.scaling = top_k, n_group, topk_group, norm_topk_prob, scaling
+        self.moe_layer: int | None = None  # index among the MoE layers (number_routers), for routing replay
+        self.moe_layers = 0
         self.nx = Unbound("router")
 
-    def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_TH: torch.Tensor, routed_TLK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.nx.logits_dtype == RouterDtype.model:
             logits_TE = matmul(x_TH, self.weight, self.nx.impl).float()
         else:  # native = fp32 for DeepSeek-V3
@@ -99,6 +143,8 @@ class SigmoidGroupedTopKRouter(nn.Module):
         keep_groups_TG = torch.zeros_like(group_TG).scatter_(1, torch.topk(group_TG, self.topk_group, dim=-1, sorted=False)[1], 1)
         keep_TE = keep_groups_TG.unsqueeze(-1).expand(T, self.n_group, E // self.n_group).reshape(T, E).bool()
         ids_TK = torch.topk(choice_TE.masked_fill(~keep_TE, float("-inf")), self.top_k, dim=-1, sorted=False)[1]
+        if (replay_TK := replayed_ids(self, routed_TLK, ids_TK)) is not None:
+            ids_TK = replay_TK  # slot order as the server recorded it: the fp32 sum below adds in that order
         w_TK = scores_TE.gather(1, ids_TK)
         if self.norm:
             w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
@@ -189,8 +235,8 @@ class DeepseekMoe(nn.Module):
         self.experts = Experts(hidden, inter, experts, dtype, quantized=quantized)
         self.shared_experts = MLP(hidden, inter * n_shared, dtype)
 
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        w_TK, ids_TK = self.gate(x_TH)
+    def forward(self, x_TH: torch.Tensor, routed_TLK: torch.Tensor | None = None) -> torch.Tensor:
+        w_TK, ids_TK = self.gate(x_TH, routed_TLK)
         return self.experts(x_TH, w_TK, ids_TK) + self.shared_experts(x_TH)
 
 
@@ -204,8 +250,8 @@ class Qwen35SparseMoe(nn.Module):
         self.shared_expert = MLP(hidden, shared_inter, dtype)
         self.shared_expert_gate = Linear(hidden, 1, dtype)
 
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, routed_TLK: torch.Tensor | None = None) -> torch.Tensor:
         shared_TH = self.shared_expert(x_TH)
-        w_TK, ids_TK = self.gate(x_TH)
+        w_TK, ids_TK = self.gate(x_TH, routed_TLK)
         routed_TH = self.experts(x_TH, w_TK, ids_TK)
         return routed_TH + torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
