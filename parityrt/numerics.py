@@ -207,9 +207,18 @@ class AttentionNumerics:
     split_kv: int = 64  # triton: keys per online-softmax block, counted from key 0 (a fixed size, not a count)
 
 
+class RopeTableDtype(str, Enum):
+    """The dtype of the inverse frequencies the cos/sin tables are computed from (in fp32 either way)."""
+
+    fp32 = "fp32"  # transformers after from_pretrained(dtype=bf16): computed buffers are kept in fp32
+    bf16 = "bf16"  # transformers after model.to(torch.bfloat16): inv_freq cast to bf16 (a trainer building in fp32)
+
+
 @dataclass(slots=True, kw_only=True)
 class RopeNumerics:
     apply_dtype: Precision = Precision.native  # native: cos/sin rounded to the model dtype, rotation in bf16 (HF)
+    # read by the model's rotary table module (one per model, `rotary`), not by the per-layer rotations
+    table_dtype: RopeTableDtype = RopeTableDtype.fp32
 
 
 @dataclass(slots=True, kw_only=True)

@@ -30,6 +30,7 @@ KNOBS = [
     ("gdn", "chunk_size", 16, {}),
     ("attention", "impl", "sdpa", {}),
     ("rope", "apply_dtype", "fp32", {}),
+    ("rope", "table_dtype", "bf16", {}),
     ("lm_head", "dtype", "fp32", {}),
 ]
 # Knobs that change the GEMM shape, not the arithmetic CPU libraries do per output element: oneDNN/MKL give the
