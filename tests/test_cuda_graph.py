@@ -95,8 +95,12 @@ def test_graph_decode_is_bitwise_eager_decode_under_rl_parity_gpu(cache_dir, nam
 
 
 @pytest.mark.cuda
-def test_cuda_graph_refuses_host_synchronising_experts(cache_dir) -> None:
+def test_cuda_graph_refuses_host_synchronising_experts(cache_dir) -> None:  # at load, in one line
     model, _ = build_model(tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir), device="cuda"))
     bind(model, with_ops(load_preset("rl_parity_gpu"), experts={"impl": "torch"}))
-    with pytest.raises(ValueError, match=r"cannot be captured:\n  experts.impl=torch"):
+    with pytest.raises(ValueError, match=r"cannot be captured: experts.impl=torch"):
+        Engine(model, TOK, model.args.eos_token_id, EngineConfig(cuda_graph=True))
+    # the torch references of attention and GDN slice sequences by host lengths: refused too, naming each knob
+    bind(model, load_preset("rl_parity"))
+    with pytest.raises(ValueError, match=r"attention.impl=eager.*; gdn.impl=torch|gdn.impl=torch.*attention.impl=eager"):
         Engine(model, TOK, model.args.eos_token_id, EngineConfig(cuda_graph=True))

@@ -86,8 +86,8 @@ class DecodeGraphs:
     def bind(self, module: nn.Module) -> None:
         """Serve `module` (TP = 1) from now on: graphs of a previous one are dropped."""
         if self.use_graphs and (blockers := graph_blockers(module)):
-            raise ValueError("engine.cuda_graph=true: this numerics policy has ops that cannot be captured:\n  "
-                             + "\n  ".join(blockers))
+            raise ValueError("engine.cuda_graph=true: this numerics policy has ops that cannot be captured: "
+                             + "; ".join(blockers))
         self.module, self.graphs = module, {}
         self.routers = [m for m in module.modules() if getattr(m, "numerics_op", None) == "router"]
         self.route_bufs = [torch.zeros(self.max_batch, m.top_k, dtype=torch.long, device=self.kv.device) for m in self.routers]
