@@ -16,6 +16,7 @@ from kernels import _triton
 from parityrt.config import RunConfig
 from parityrt.distributed import TPInfo, is_power_of_two, tp_context
 from parityrt.engine.engine import Engine
+from parityrt.fingerprint import FingerprintMismatch, check_fingerprint, numerics_fingerprint, write_fingerprint
 from parityrt.layers import flashinfer_ops
 from parityrt.numerics import apply_process_settings, bind, write_resolved
 from parityrt.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer
@@ -32,6 +33,7 @@ class Runtime:
     tokenizer: Tokenizer
     checkpoint: Path
     numerics_table: dict[str, dict[str, Any]]
+    fingerprint: dict[str, Any]  # the numerics contract (parityrt/fingerprint.py), computed once at load
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -59,7 +61,14 @@ def load_runtime(run: RunConfig) -> Runtime:
     tokenizer = Tokenizer.from_dir(tok_dir)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ValueError(f"tokenizer {tok_dir} has {tokenizer.vocab_size} tokens, the model only {model.args.vocab_size}")
-    return Runtime(model, tokenizer, ckpt, table)
+    return Runtime(model, tokenizer, ckpt, table, run_fingerprint(run, model, table))
+
+
+def run_fingerprint(run: RunConfig, model: Any, table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The numerics contract of `model` (bound to run.numerics, `table` what bind() returned) under this run."""
+    p = run.parallel
+    return numerics_fingerprint(model, table, policy=run.numerics, dtype=run.model.dtype, device=run.model.device,
+                                tp_size=p.tp_size, virtual=p.virtual, backend=p.backend)
 
 
 def check_kernels(table: dict[str, dict[str, Any]], device: str) -> None:
@@ -96,7 +105,11 @@ def build_state(run: RunConfig, rt: Runtime) -> ServerState:
         if model.args.vocab_size < rt.tokenizer.vocab_size or type(model) is not type(engine.runner.module):
             raise ValueError(f"{path}: a {type(model).__name__} with vocab {model.args.vocab_size} cannot replace the "
                              f"served {type(engine.runner.module).__name__} (tokenizer vocab {rt.tokenizer.vocab_size})")
-        bind(model, run.numerics)
+        table = bind(model, run.numerics)
+        try:  # a new config would make the served fingerprint a lie: weight updates keep the contract
+            check_fingerprint(rt.fingerprint, run_fingerprint(run, model, table), what="the new checkpoint")
+        except FingerprintMismatch as e:
+            raise ValueError(f"{path}: {e}") from None
         return model
 
     hf = read_hf_config(rt.checkpoint)
@@ -113,11 +126,12 @@ def build_state(run: RunConfig, rt: Runtime) -> ServerState:
                        architectures=list(hf.get("architectures") or []), api_key=run.server.api_key,
                        limits=Limits(max_n=run.server.max_n, max_batch=run.server.max_batch,
                                      max_top_logprobs=run.server.max_top_logprobs),
-                       max_body_bytes=run.server.max_body_bytes)
+                       max_body_bytes=run.server.max_body_bytes, numerics_fingerprint=rt.fingerprint)
 
 
 def write_run_files(run_dir: Path, run: RunConfig, rt: Runtime) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
     write_resolved(run_dir, run.numerics, rt.numerics_table)
+    write_fingerprint(run_dir, rt.fingerprint)
     (run_dir / "checkpoint.json").write_text(json.dumps({"path": str(rt.checkpoint), "tokenizer": rt.tokenizer.name_or_path}))

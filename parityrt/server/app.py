@@ -41,6 +41,8 @@ class ServerState:
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
     max_body_bytes: int | None = None  # None: unbounded
+    # the numerics contract (parityrt/fingerprint.py) computed at load, served by /server_info and /model_info
+    numerics_fingerprint: dict[str, Any] | None = None
     weight_updates: int = 0
     started: float = field(default_factory=time.time)
 
@@ -359,7 +361,7 @@ def create_app(state: ServerState) -> FastAPI:
                 "preferred_sampling_params": None, "weight_version": state.engine.weight_version, "load_format": "auto",
                 "reasoning_parser": None, "tool_call_parser": None, "disaggregation_mode": "null",
                 "has_image_understanding": False, "has_audio_understanding": False, "model_type": state.model_type,
-                "architectures": state.architectures}
+                "architectures": state.architectures, "numerics_fingerprint": state.numerics_fingerprint}
 
     @app.get("/get_server_info")
     @app.get("/server_info")
@@ -371,7 +373,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {**state.server_args, "model_path": state.model_path, "weight_version": state.engine.weight_version,
                 "max_total_num_tokens": info.max_total_tokens, "max_req_input_len": info.max_seq_len - 1,
                 "status": "ready", "startup_time": state.started, "internal_states": [load], "version": VERSION,
-                "frontend": "python"}
+                "frontend": "python", "numerics_fingerprint": state.numerics_fingerprint}
 
     @app.get("/get_weight_version")  # removed in SGLang 0.5.23; slime still calls it
     async def get_weight_version():
