@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels._autograd import backward_from, repeat_each
 from kernels._triton import check_device, finish, pow2_at_least, store_dtype
 
 
@@ -35,8 +36,7 @@ def eager_attention_ref(
     reduction then treat each key alike); 0 keeps transformers' exact row length."""
     S, L = q_BHSD.shape[2], k_BHLD.shape[2]
     groups = q_BHSD.shape[1] // k_BHLD.shape[1]
-    k = k_BHLD.repeat_interleave(groups, dim=1)
-    v = v_BHLD.repeat_interleave(groups, dim=1)
+    k, v = repeat_each(k_BHLD, groups, dim=1), repeat_each(v_BHLD, groups, dim=1)
     pad = (-L) % kv_block if kv_block else 0
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
@@ -231,6 +231,31 @@ def _tile(block_dqk: int, block_dv: int) -> tuple[int, int, int]:
     return 64, 8, 1
 
 
+def attention_split_kv_varlen_grad_ref(
+    q_THD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    kv_rows_N: torch.Tensor, cu_seqlens_k: torch.Tensor, kv_lens_B: torch.Tensor, max_q: int, scale: float,
+    split: int = 64,
+) -> torch.Tensor:
+    """What attention_split_kv_varlen's backward differentiates: per sequence, causal softmax attention on its
+    queries and keys, all in fp32 (eager_attention_ref on upcasts; the split-KV blocks and the online softmax are
+    the forward's order only), rounded to q's dtype. Every key row is read once by advanced indexing (its backward
+    is a sorted index_put, deterministic on CUDA, into the store: the gradient reaches k and v through the
+    layer's index_copy_ into it) and the sequences are split off (backward: cat), not sliced: a slice's backward
+    would write a store-sized zero gradient per sequence."""
+    cu_q, cu_k, k_lens = cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), kv_lens_B.tolist()
+    if cu_q[0] != 0 or cu_q[-1] != q_THD.shape[0]:
+        raise ValueError(f"the sequences' queries (rows {cu_q[0]}..{cu_q[-1]}) must be all {q_THD.shape[0]} rows of q")
+    rows_N = torch.cat([kv_rows_N[cu_k[b] : cu_k[b] + n] for b, n in enumerate(k_lens)] + [kv_rows_N[:0]])
+    qs = torch.split(q_THD, [cu_q[b + 1] - cu_q[b] for b in range(len(k_lens))])
+    ks, vs = torch.split(k_NHD[rows_N], k_lens), torch.split(v_NHD[rows_N], k_lens)
+    outs = []
+    for q, k, v in zip(qs, ks, vs):
+        q_BHSD, k_BHLD, v_BHLD = (t.transpose(0, 1)[None].float() for t in (q, k, v))
+        outs.append(eager_attention_ref(q_BHSD, k_BHLD, v_BHLD, scale)[0].transpose(0, 1).to(q_THD.dtype))
+    return torch.cat(outs) if outs else q_THD.new_empty(0, q_THD.shape[1], v_NHD.shape[-1])
+
+
+@backward_from(attention_split_kv_varlen_grad_ref)
 def attention_split_kv_varlen(
     q_THD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Tensor, cu_seqlens_q: torch.Tensor,
     kv_rows_N: torch.Tensor, cu_seqlens_k: torch.Tensor, kv_lens_B: torch.Tensor, max_q: int, scale: float,

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels._autograd import backward_from
 from kernels._triton import check_device, finish, round_bf16, store_dtype
 from kernels.int4 import dequant_int4_ref
 from kernels.moe import combine_ref, experts_ref
@@ -337,26 +338,51 @@ def fused_experts(
     combine: str, order: str, out_dtype: torch.dtype, quant: Int4Weights | None = None, dequant: str = "bf16",
 ) -> torch.Tensor:
     """Routed experts and their combine: the bits of fused_experts_ref (module docstring), in three Triton
-    kernels. The model dtype is x's; bf16 or fp32."""
+    kernels. The model dtype is x's; bf16 or fp32. Under autograd: fused_experts_ref's gradient (x, the routing
+    weights, the expert weights or the INT4 scales)."""
     if combine not in COMBINES or order not in ORDERS or dequant not in DEQUANTS:
         raise ValueError(f"unknown combine {combine!r} / order {order!r} / dequant {dequant!r}")
     if quant is None:
         if gate_up_E2IH is None or down_EHI is None:
             raise ValueError("fused_experts needs gate_up_E2IH and down_EHI, or quant")
+        if gate_up_E2IH.dtype != x_TH.dtype or down_EHI.dtype != x_TH.dtype:
+            raise ValueError(f"expert weights ({gate_up_E2IH.dtype}, {down_EHI.dtype}) must have the model dtype {x_TH.dtype}")
         gu, gu_s, dn, dn_s = gate_up_E2IH, None, down_EHI, None
-        if gu.dtype != x_TH.dtype or dn.dtype != x_TH.dtype:
-            raise ValueError(f"expert weights ({gu.dtype}, {dn.dtype}) must have the model dtype {x_TH.dtype}")
     else:
         gu, gu_s, dn, dn_s = quant.gate_up_packed, quant.gate_up_scale, quant.down_packed, quant.down_scale
+    # the weights positionally (the INT4 ones unpacked from their dataclass): tensors autograd can see
+    return _fused_experts(x_TH, w_TK, ids_TK, gu, gu_s, dn, dn_s, combine=combine, order=order, out_dtype=out_dtype,
+                          quantized=quant is not None, dequant=dequant)
+
+
+def _fused_experts_ref(
+    x_TH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, gu: torch.Tensor, gu_s: torch.Tensor | None,
+    dn: torch.Tensor, dn_s: torch.Tensor | None, *, combine: str, order: str, out_dtype: torch.dtype, quantized: bool,
+    dequant: str,
+) -> torch.Tensor:
+    """_fused_experts' arguments into fused_experts_ref: its backward."""
+    weights = (None, None, Int4Weights(gu, gu_s, dn, dn_s)) if quantized else (gu, dn, None)
+    return fused_experts_ref(x_TH, w_TK, ids_TK, weights[0], weights[1], combine=combine, order=order,
+                             out_dtype=out_dtype, quant=weights[2], dequant=dequant)
+
+
+@backward_from(_fused_experts_ref)
+def _fused_experts(
+    x_TH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, gu: torch.Tensor, gu_s: torch.Tensor | None,
+    dn: torch.Tensor, dn_s: torch.Tensor | None, *, combine: str, order: str, out_dtype: torch.dtype, quantized: bool,
+    dequant: str,
+) -> torch.Tensor:
+    """The three launches: gu/dn are the [E, 2I, H] / [E, H, I] weights, or the INT4 packed words with their
+    scales gu_s/dn_s (quantized)."""
     check_device(*[t for t in (x_TH, w_TK, ids_TK, gu, gu_s, dn, dn_s) if t is not None])
     _check_dtype("model dtype", x_TH.dtype)
     T, K = ids_TK.shape
     E, H = gu.shape[0], x_TH.shape[1]
     I = gu.shape[1] // 2
-    wdtype = torch.float32 if quant is not None and dequant == "fp32" else x_TH.dtype
+    wdtype = torch.float32 if quantized and dequant == "fp32" else x_TH.dtype
     gpu = x_TH.device.type == "cuda"
     group_gu = group_dn = 1
-    if quant is not None:
+    if quantized:
         group_gu, group_dn = H // gu_s.shape[2], I // dn_s.shape[2]
         if gu.shape[2] * 8 != H or dn.shape[2] * 8 != I or H % group_gu or I % group_dn:
             raise ValueError(f"INT4 shapes {tuple(gu.shape)}, {tuple(dn.shape)} do not fit H={H}, I={I}")
@@ -370,10 +396,10 @@ def fused_experts(
     bf16_mma = gpu and wdtype == torch.bfloat16
     # fp32 GEMMs: exact products are what matters. tf32 holds bf16 x and q·scale (≤ 11 significant bits) exactly,
     # so the gate/up GEMM of INT4 fp32-dequant experts may use the tensor cores; h (fp32) needs ieee.
-    exact_tf32 = gpu and wdtype == torch.float32 and quant is not None and x_TH.dtype == gu_s.dtype == torch.bfloat16
-    common = dict(ROUND_W=wdtype == torch.bfloat16, BF16_MMA=bf16_mma, NATIVE=gpu, BLOCK_M=BLOCK_M, INT4=quant is not None)
+    exact_tf32 = gpu and wdtype == torch.float32 and quantized and x_TH.dtype == gu_s.dtype == torch.bfloat16
+    common = dict(ROUND_W=wdtype == torch.bfloat16, BF16_MMA=bf16_mma, NATIVE=gpu, BLOCK_M=BLOCK_M, INT4=quantized)
     opts = _launch_opts(x_TH.device)
-    gate_up_cfg, down_cfg = CONFIGS["dense" if quant is None else f"int4_{dequant}"]
+    gate_up_cfg, down_cfg = CONFIGS["dense" if not quantized else f"int4_{dequant}"]
 
     h_PI = torch.empty(m_blocks * BLOCK_M, I, dtype=store_dtype(wdtype, x_TH.device), device=x_TH.device)
     w, s, swe, swn, sse, ssn = _gemm_args(gu, gu_s)
@@ -403,13 +429,17 @@ def fused_experts_ref(
     combine: str, order: str, out_dtype: torch.dtype, quant: Int4Weights | None = None, dequant: str = "bf16",
 ) -> torch.Tensor:
     """The torch path fused_experts reproduces (parityrt.layers.moe.Experts at TP=1)."""
+    # per-expert views by unbind: under autograd its backward stacks the experts' gradients once, where indexing
+    # (w[e]) would write an [E, ...]-sized zero gradient per hit expert
     if quant is None:
-        weights = lambda e: (gate_up_E2IH[e], down_EHI[e])
+        gu_E, dn_E = gate_up_E2IH.unbind(0), down_EHI.unbind(0)
+        weights = lambda e: (gu_E[e], dn_E[e])
         wdtype = x_TH.dtype
     else:
         wdtype = torch.float32 if dequant == "fp32" else x_TH.dtype
-        weights = lambda e: (dequant_int4_ref(quant.gate_up_packed[e], quant.gate_up_scale[e], wdtype),
-                             dequant_int4_ref(quant.down_packed[e], quant.down_scale[e], wdtype))
+        gu_E, gu_s_E = quant.gate_up_packed.unbind(0), quant.gate_up_scale.unbind(0)
+        dn_E, dn_s_E = quant.down_packed.unbind(0), quant.down_scale.unbind(0)
+        weights = lambda e: (dequant_int4_ref(gu_E[e], gu_s_E[e], wdtype), dequant_int4_ref(dn_E[e], dn_s_E[e], wdtype))
     if ids_TK.shape[0] == 0:
         return torch.empty(0, x_TH.shape[1], dtype=out_dtype, device=x_TH.device)
     y_TKH = experts_ref(x_TH, ids_TK, weights, fuse_gate_up=True)[0]

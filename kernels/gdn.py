@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels._autograd import backward_from, repeat_each
 from kernels._triton import check_device, finish, pow2_at_least, store_dtype
 
 
@@ -20,7 +21,7 @@ def _prepare(q, k, v, beta, g):
     """Repeat key heads, move heads before time, upcast to fp32, L2-normalise q and k, scale q by Dk^-1/2."""
     groups = v.shape[2] // k.shape[2]
     if groups > 1:
-        q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
+        q, k = repeat_each(q, groups, dim=2), repeat_each(k, groups, dim=2)
     q, k, v, beta, g = [x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format) for x in (q, k, v, beta, g)]
     q = q * torch.rsqrt((q * q).sum(dim=-1, keepdim=True) + 1e-6)
     k = k * torch.rsqrt((k * k).sum(dim=-1, keepdim=True) + 1e-6)
@@ -33,13 +34,14 @@ def recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_BHKV: torch.Tensor | 
     q = q / (q.shape[-1] ** 0.5)
     B, H, S, Dk = k.shape
     state = torch.zeros(B, H, Dk, v.shape[-1], dtype=torch.float32, device=v.device) if state_BHKV is None else state_BHKV.to(v)
-    out = torch.zeros_like(v)
+    outs = []  # stacked at the end, not written into a buffer: under autograd each write would copy it whole
     for t in range(S):
         state = state * g[:, :, t].exp()[..., None, None]
         kv_mem = (state * k[:, :, t].unsqueeze(-1)).sum(dim=-2)
         delta = (v[:, :, t] - kv_mem) * beta[:, :, t].unsqueeze(-1)
         state = state + k[:, :, t].unsqueeze(-1) * delta.unsqueeze(-2)
-        out[:, :, t] = (state * q[:, :, t].unsqueeze(-1)).sum(dim=-2)
+        outs.append((state * q[:, :, t].unsqueeze(-1)).sum(dim=-2))
+    out = torch.stack(outs, dim=2) if outs else torch.zeros_like(v)
     return out.transpose(1, 2).contiguous().to(out_dtype), state
 
 
@@ -469,20 +471,36 @@ def gated_delta_rule_varlen(
     """The delta rule over a varlen batch from each sequence's state: recurrent (chunk None), or chunked with
     `chunk` tokens per chunk, except that a sequence with one new token always takes the recurrent form (a
     decode step: the chunked form would pad it to a whole chunk). Torch references: once per sequence on exactly
-    its tokens (the loop is the reference's); Triton: one launch per form over the sequences that take it.
-    Returns (o [T, Hv, Dv], new states [B, Hv, Dk, Dv] fp32)."""
-    if not triton_kernels:
-        outs, states = [], []
-        rows = [torch.split(x, lens) for x in (q_THK, k_THK, v_THV, g_TH, beta_TH)]
-        for b, n in enumerate(lens):
-            q, k, v, g, beta = (x[b][None] for x in rows)
-            if chunk is None or n == 1:
-                o, st = recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_BHKV[b : b + 1])
-            else:
-                o, st = chunked_gated_delta_rule_ref(q, k, v, g, beta, state_BHKV[b : b + 1], chunk)
-            outs.append(o[0])
-            states.append(st)
-        return torch.cat(outs), torch.cat(states)
+    its tokens (the loop is the reference's); Triton: one launch per form over the sequences that take it, with
+    the references' gradient under autograd. Returns (o [T, Hv, Dv], new states [B, Hv, Dk, Dv] fp32)."""
+    run = _gated_delta_rule_varlen_triton if triton_kernels else gated_delta_rule_varlen_ref
+    return run(q_THK, k_THK, v_THV, g_TH, beta_TH, state_BHKV, cu_seqlens, lens, chunk, dot_precision)
+
+
+def gated_delta_rule_varlen_ref(
+    q_THK, k_THK, v_THV, g_TH, beta_TH, state_BHKV: torch.Tensor, cu_seqlens: torch.Tensor, lens: list[int],
+    chunk: int | None, dot_precision: str = "tf32x3",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gated_delta_rule_varlen's torch references, once per sequence (cu_seqlens and dot_precision are the
+    kernels'). Also the Triton path's backward: the gradient of the same algorithm's reference."""
+    outs, states = [], []
+    rows = [torch.split(x, lens) for x in (q_THK, k_THK, v_THV, g_TH, beta_TH)]
+    for b, n in enumerate(lens):
+        q, k, v, g, beta = (x[b][None] for x in rows)
+        if chunk is None or n == 1:
+            o, st = recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_BHKV[b : b + 1])
+        else:
+            o, st = chunked_gated_delta_rule_ref(q, k, v, g, beta, state_BHKV[b : b + 1], chunk)
+        outs.append(o[0])
+        states.append(st)
+    return torch.cat(outs), torch.cat(states)
+
+
+@backward_from(gated_delta_rule_varlen_ref)
+def _gated_delta_rule_varlen_triton(
+    q_THK, k_THK, v_THV, g_TH, beta_TH, state_BHKV: torch.Tensor, cu_seqlens: torch.Tensor, lens: list[int],
+    chunk: int | None, dot_precision: str = "tf32x3",
+) -> tuple[torch.Tensor, torch.Tensor]:
     xs = (q_THK, k_THK, v_THV, g_TH, beta_TH)
     single = [b for b, n in enumerate(lens) if n == 1]
     if chunk is None or len(single) == len(lens):

@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels import _triton
+from kernels._autograd import backward_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,17 @@ def _launch(x: torch.Tensor, w_NK: torch.Tensor, out_dtype: torch.dtype, cfg: Ge
 _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def linear_grad_ref(x: torch.Tensor, w_NK: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What linear_fixed_tile's backward differentiates: the same product as one library GEMM (in x's dtype when x
+    and w share it, else fp32 over upcasts), rounded to out_dtype. The K-tile order is the forward's only: its
+    gradient is the same (dx = dy·W, dW = dyᵀ·x), so the backward needs no tile loop."""
+    out_dtype = out_dtype or x.dtype
+    if x.dtype != w_NK.dtype:
+        x, w_NK = x.float(), w_NK.float()
+    return F.linear(x, w_NK).to(out_dtype)
+
+
+@backward_from(linear_grad_ref)
 def linear_fixed_tile(x: torch.Tensor, w_NK: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y[..., N] = x[..., K]·w_NKᵀ with the fixed K order in the module docstring, rounded once to out_dtype
     (default x.dtype). x and w may be bf16/fp16 (native MMA on GPU) or fp32 (ieee fp32 products); mixed

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels._autograd import repeat_each
+
 
 def unpack_int4(packed_OP: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, device=packed_OP.device, dtype=torch.int32)
@@ -29,4 +31,4 @@ def dequant_int4_ref(packed_OP: torch.Tensor, scale_OG: torch.Tensor, dtype: tor
     when |q|·scale needs more than 8 significant bits. fp32: q · scale is exact."""
     q_OI = unpack_int4(packed_OP)
     group = q_OI.shape[1] // scale_OG.shape[1]
-    return q_OI.to(dtype) * scale_OG.to(dtype).repeat_interleave(group, dim=1)
+    return q_OI.to(dtype) * repeat_each(scale_OG.to(dtype), group, dim=1)

@@ -1,5 +1,6 @@
 """RMSNorm variants: torch references (`*_ref`) and Triton kernels with the same rounding points (`*_triton`).
-Every reduction here is fp32; the comments say where the result is rounded."""
+Every reduction here is fp32; the comments say where the result is rounded. Under autograd the Triton kernels have
+their reference's gradient (kernels/_autograd.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._autograd import backward_from
 from kernels._triton import check_device, finish, round_bf16, store_dtype
 
 
@@ -143,6 +145,7 @@ def _result_dtype(w: torch.Tensor, zero_centred: bool, out_dtype: torch.dtype) -
     return out_dtype if zero_centred else torch.promote_types(w.dtype, out_dtype)
 
 
+@backward_from(rms_norm_ref)
 def rms_norm_triton(
     x: torch.Tensor, w: torch.Tensor, eps: float, zero_centred: bool, out_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -163,6 +166,7 @@ def rms_norm_triton(
     return _launch(x, None, w, eps, zero_centred, False, out_dtype, y_dtype, x.dtype)[0]
 
 
+@backward_from(add_rms_norm_ref)
 def add_rms_norm_triton(
     x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, zero_centred: bool, fused: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +185,7 @@ def add_rms_norm_triton(
 def gated_rms_norm_triton(x: torch.Tensor, gate: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """gated_rms_norm_ref's rounding points with the row-per-program kernel for the normalisation (torch's
     reduction picks its strategy from the row count, so its sum of squares is not batch- or decode-invariant on a
-    GPU); the gate multiply is elementwise."""
+    GPU); the gate multiply is elementwise (torch, so autograd differentiates it; the norm has rms_norm_ref's
+    gradient)."""
     normed = rms_norm_triton(x, w, eps, zero_centred=False, out_dtype=x.dtype)  # round(w · round(x·rsqrt))
     return (normed * torch.nn.functional.silu(gate.float())).to(x.dtype)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels import _triton
+from kernels._autograd import backward_from
 from kernels._triton import round_bf16
 
 
@@ -180,6 +181,17 @@ def _tree_tiles(N: int) -> tuple[int, int, int]:
     return 32, min(32, _triton.pow2_at_least(N)), 4
 
 
+def row_partials_grad_ref(
+    x_MK: torch.Tensor, w_NK: torch.Tensor, shards: int, tile_k: int, tile_dtype: torch.dtype,
+    acc_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """What row_partials_triton's backward differentiates: each shard's partial as one library GEMM (the library
+    K order) in acc_dtype. The tree's tiles and their roundings change the forward bits only: the gradient of a
+    shard's partial is that of its block product either way, and one GEMM per shard is K/tile_k times fewer."""
+    return [p.to(acc_dtype) for p in row_partials_ref(x_MK, w_NK, shards, "library", tile_k, tile_dtype, acc_dtype)]
+
+
+@backward_from(row_partials_grad_ref)
 def row_partials_triton(
     x_MK: torch.Tensor, w_NK: torch.Tensor, shards: int, tile_k: int, tile_dtype: torch.dtype,
     acc_dtype: torch.dtype,

@@ -50,7 +50,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Modules whose CPU tests run Triton kernels on CPU tensors: possible only through the interpreter, which is
 # selected only where there is no GPU (with a GPU, `@triton.jit` compiles for it and refuses CPU tensors).
 INTERPRETER_MODULES = {"test_triton_gemm", "test_triton_moe", "test_triton_norm_attention", "test_triton_gdn",
-                       "test_kernel_policies"}
+                       "test_kernel_policies", "test_triton_autograd"}
 
 
 def pytest_collection_modifyitems(config, items):
