@@ -23,6 +23,7 @@ from torch import nn
 from parityrt.config import ModelConfig, load_preset
 from parityrt.layers.cache import ForwardBatch
 from parityrt.numerics import STABLE_ROWS, NumericsPolicy, bind, onednn
+from parityrt.routing_replay import OWN_CHOICE
 from parityrt.weights import build_model
 
 
@@ -91,7 +92,9 @@ class TrainModel(nn.Module):
             if any(r is None for r in routed):
                 raise ValueError("routing replay needs routed experts for every sample of the micro-batch")
             first = routed[0]
-            filler = [first.new_zeros(len(ids) - sum(r.shape[0] for r in routed), *first.shape[1:])]
+            # the padding sequence's rows keep their routers' own choice (-1, parityrt/routing_replay.py), as in
+            # a step without replay: expert 0 in every slot would repeat an expert and change its GEMM's rows
+            filler = [first.new_full((len(ids) - sum(r.shape[0] for r in routed), *first.shape[1:]), OWN_CHOICE)]
             batch.routed_experts_TLK = torch.cat(routed + filler).to(dev)
         cpu_stable = self.policy.shape_stable and dev.type == "cpu"
         with onednn(False) if cpu_stable else nullcontext():
