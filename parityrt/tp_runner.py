@@ -72,6 +72,8 @@ class TPDriver:
     def __call__(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # the batch's tensors on the CPU; its stores by identity (a rank's stores live as long as rank 0's)
         fields = {f: getattr(batch, f).cpu() for f in _BATCH_TENSORS}
+        if batch.routed_experts_TLK is not None:  # routing replay: every rank's routers take rank 0's ids
+            fields["routed_experts_TLK"] = batch.routed_experts_TLK.cpu()
         stores = (self._key(batch.cache), batch.cache.rows, batch.cache.slots)
         self._send(("forward", torch.backends.mkldnn.enabled, ids_T.cpu(), pos_T.cpu(), batch.lens, fields, stores))
         return self.model(ids_T, pos_T, batch)
