@@ -233,3 +233,13 @@ def test_replay_reaches_every_real_tp_rank(cache_dir) -> None:
     proc = subprocess.run([sys.executable, "-c", REAL_TP, str(cache_dir)], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_an_id_out_of_range_in_the_batch_is_not_taken_for_the_own_choice(model) -> None:
+    """Only -1 keeps the router's choice; -2 or an id past the experts reaches the gather, which refuses it."""
+    shape = RoutingShape.of(model)
+    bind(model, _replay(load_preset("hf_eager")))
+    for bad in (-2, shape.experts):
+        ids_TLK = torch.full((sum(LENS), shape.layers, shape.top_k), bad, dtype=torch.int32)
+        with torch.no_grad(), pytest.raises((IndexError, RuntimeError), match="out of bounds|out of range"):
+            _forward(model, ids_TLK)

@@ -76,7 +76,8 @@ def replayed_ids(router: nn.Module, routed_TLK: torch.Tensor | None, own_ids_TK:
         raise ValueError(f"routed experts must be [tokens={T}, MoE layers={router.moe_layers}, top-k={K}], got "
                          f"{tuple(routed_TLK.shape)}")
     replay_TK = routed_TLK[:, layer].to(own_ids_TK.dtype)  # the server's int32 -> the int64 that gather takes
-    return torch.where(replay_TK >= 0, replay_TK, own_ids_TK)
+    # only -1 means the router's own choice: any other id goes to the gather, which refuses one out of range
+    return torch.where(replay_TK == -1, own_ids_TK, replay_TK)
 
 
 class SoftmaxTopKRouter(nn.Module):
