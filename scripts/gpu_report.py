@@ -151,8 +151,8 @@ def decode_first_difference(model, seq: torch.Tensor) -> str:
         for key, rows in rec.items():
             steps.setdefault(key, []).extend(rows)
     for key, rows in full.items():
-        if key not in steps or len(steps[key]) != n - half:
-            continue
+        if key not in steps or len(steps[key]) != n - half or len({r.shape for r in steps[key]}) != 1:
+            continue  # not one row per token in every step (e.g. MLA's kv_b_proj runs over each step's keys)
         a, b = rows[0][half:], torch.cat(steps[key])
         if a.shape == b.shape and not torch.equal(a, b):
             return f"{key}: max|d| {(a - b).abs().max().item():.3g}, {(a != b).float().mean().item():.2%} of elements"
