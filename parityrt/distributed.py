@@ -13,11 +13,24 @@ Orders, for partials p_0..p_{N-1} of N ranks (each step rounds to the accumulate
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+def default_backend(device: str) -> str:
+    """The collective backend for a device: NCCL on CUDA, gloo on CPU."""
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def free_port() -> int:
+    """A free TCP port on this host, for a process group's tcp:// rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True, slots=True)

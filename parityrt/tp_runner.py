@@ -9,7 +9,6 @@ script; env:// rendezvous, so multi-node works); in both cases ranks 1..N-1 neve
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from parityrt.config import RunConfig
-from parityrt.distributed import TPInfo, tp_context
+from parityrt.distributed import TPInfo, default_backend, free_port, tp_context
 from parityrt.layers.cache import ForwardBatch, Stores
 from parityrt.numerics import NumericsPolicy, apply_process_settings, bind, onednn
 
@@ -31,7 +30,7 @@ from parityrt.numerics import NumericsPolicy, apply_process_settings, bind, oned
 def _backend(run: RunConfig) -> str:
     if run.parallel.backend != "auto":
         return run.parallel.backend
-    return "nccl" if run.model.device.startswith("cuda") else "gloo"
+    return default_backend(run.model.device)
 
 
 def _build_shard(run: RunConfig, rank: int) -> nn.Module:
@@ -176,10 +175,7 @@ def load_tp_model(run: RunConfig) -> TPDriver:
         _init_group(run, 0, "env://")
         procs: list[Any] = []
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        init_method = f"tcp://127.0.0.1:{port}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker_main, args=(run, r, init_method), daemon=True) for r in range(1, n)]
         for p in procs:

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from parityrt.config import EngineConfig, compose_run, load_preset
+from parityrt.distributed import free_port
 from parityrt.engine.engine import Engine
 from parityrt.generation import parse_records
 from parityrt.numerics import apply_process_settings, bind
 from parityrt.server.protocol.response import generate_response
 from parityrt.tokenizer import Tokenizer
 from parityrt.train import Sample, TrainModel
-from parityrt.train.fsdp import free_port, init_group, shard
+from parityrt.train.fsdp import init_group, shard
 from parityrt.weights import build_model
 
 

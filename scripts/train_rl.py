@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from parityrt.config import ModelConfig, RunConfig, load_preset
+from parityrt.distributed import free_port
 from parityrt.train import Sample, TrainModel
-from parityrt.train.fsdp import free_port, init_group, save_pretrained, shard
+from parityrt.train.fsdp import init_group, save_pretrained, shard
 from parityrt.train.rl import even_token_reward, group_advantages, grpo_loss
 from parityrt.weights import ensure_generated_checkpoint, read_hf_config
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import httpx
 import uvicorn
 
 from parityrt.config import compose_run
+from parityrt.distributed import free_port
 from parityrt.runtime import build_state, load_runtime
 from parityrt.server.app import ServerState, create_app
 
@@ -28,12 +28,6 @@ class LiveServer:
 
     def get(self, path: str, timeout: float = 60, **kw) -> httpx.Response:
         return httpx.get(self.url + path, timeout=timeout, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -161,7 +161,7 @@ def _weights_rank(rank: int, port: int, ckpt: str, out_dir: str, result: str) ->
 def test_fsdp2_gathers_the_servers_bf16_weights_before_and_after_a_step(setup, tmp_path) -> None:
     import torch.multiprocessing as mp
 
-    from parityrt.train.fsdp import free_port
+    from parityrt.distributed import free_port
 
     _, cfg, _ = setup
     result = tmp_path / "result.json"

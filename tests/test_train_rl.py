@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from parityrt.train.fsdp import free_port
+from parityrt.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["rl.prompts=2", "rl.group=2", "rl.max_new_tokens=6", "progress=false"]

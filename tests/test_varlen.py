@@ -11,10 +11,10 @@ from hf_reference import tiny_model_config
 from kernels.gdn import gated_delta_rule_varlen
 from parityrt.config import load_preset
 from parityrt.layers.cache import ForwardBatch, Stores
-from parityrt.numerics import bind, onednn
+from parityrt.numerics import STABLE_ROWS, bind, onednn
 from parityrt.weights import build_model
 
-ROWS = 64  # every step is padded to ROWS tokens, as the engine's shape-stable steps are (parityrt/engine/model_runner.py)
+ROWS = STABLE_ROWS  # every step is padded as the engine's shape-stable steps are (parityrt/engine/model_runner.py)
 # (cached tokens, new tokens) of the three sequences in the mixed step
 RUNS = [(0, 9), (12, 7), (15, 1)]
 

@@ -82,9 +82,6 @@ class ForwardBatch:
     def max_len(self) -> int:
         return max(self.lens, default=0)
 
-    def split(self, x_T: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.split(x_T, self.lens, dim=0)
-
     @classmethod
     def from_rows(cls, seqs: list[tuple[list[int], int, int, int]], cache: Cache, device: torch.device | str) -> ForwardBatch:
         """From host lists, one (K/V row of each position, state slot, cached tokens, new tokens) per sequence; the

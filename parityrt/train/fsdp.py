@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,28 +22,19 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from parityrt.distributed import default_backend
 from parityrt.train.model import TrainModel
 
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-
-
-def backend_for(device: str) -> str:
-    return "nccl" if device.startswith("cuda") else "gloo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_group(rank: int, world_size: int, port: int, device: str, timeout_s: int = 300) -> None:
     """One data-parallel process group over this host (gloo on CPU, NCCL on CUDA). torchrun's environment, when
     present, wins."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(default_backend(device), timeout=timedelta(seconds=timeout_s))
         return
-    dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(default_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))
 
 

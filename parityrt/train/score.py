@@ -92,19 +92,15 @@ def _score_rank(rank: int, world: int, port: int, run: RunConfig, samples: list[
         dist.destroy_process_group()
 
 
-def _worker(rank: int, world: int, port: int, run: RunConfig, samples: list[Sample]) -> None:
-    _score_rank(rank, world, port, run, samples)
-
-
 def score(run: RunConfig, samples: list[Sample]) -> list[list[float]]:
     """Every sample's target logprobs, from train.world_size ranks (this process is rank 0)."""
-    from parityrt.train.fsdp import free_port
+    from parityrt.distributed import free_port
 
     world, port = run.train.world_size, free_port()
     if world < 1:
         raise ValueError(f"train.world_size must be at least 1, got {world}")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, port, run, samples), daemon=True) for r in range(1, world)]
+    procs = [ctx.Process(target=_score_rank, args=(r, world, port, run, samples), daemon=True) for r in range(1, world)]
     for p in procs:
         p.start()
     try:
