@@ -221,6 +221,43 @@ class RopeNumerics:
     table_dtype: RopeTableDtype = RopeTableDtype.fp32
 
 
+class VisionResampleWeights(str, Enum):
+    """The dtype of the interpolation weights that resample the learned position-embedding table to an image's grid
+    (the products and the tap sum are in the promoted dtype of table rows x weights)."""
+
+    native = "native"  # what transformers does for the model: Qwen3.5 fp32 bilinear weights; Kimi bf16 (embedding_bag)
+    fp32 = "fp32"  # fp32 weights: table rows x weights promoted to fp32, tap sum in fp32, one cast
+    model = "model"  # weights rounded to the table's dtype (bf16) before the weighted sum
+
+
+class VisionAttentionSplit(str, Enum):
+    """How the ViT's non-causal attention covers several images (frames) of one tower call."""
+
+    per_image = "per_image"  # transformers' eager/sdpa: torch.split per cu_seqlens segment, one attention call each
+    varlen = "varlen"  # transformers' flash-attention: one call over all patches, attention within each segment
+
+
+class VisionRopeDtype(str, Enum):
+    """The dtype the ViT's 2-D rope cos/sin tables are rounded to before the rotation (which runs in fp32 on
+    upcast q, k in transformers)."""
+
+    fp32 = "fp32"  # transformers: fp32 tables
+    model = "model"  # SGLang's on-policy ViT: cos/sin cast to the activation dtype (bf16) first
+
+
+@dataclass(slots=True, kw_only=True)
+class VisionNumerics:
+    """The vision tower (patch embed -> position-embedding resample -> 2-D rope ViT blocks -> merger/projector), one
+    op group read by the tower's modules. Image embeddings are computed once per request from that request's
+    images only, so a request's image bits never depend on the other requests of a step."""
+
+    dtype: Precision = Precision.native  # the tower's compute dtype: native = the model dtype (HF casts pixels to it)
+    resample_weights: VisionResampleWeights = VisionResampleWeights.native  # position-embedding resample weights
+    attention: VisionAttentionSplit = VisionAttentionSplit.per_image  # one call per image, or one varlen call
+    attention_impl: AttentionImpl = AttentionImpl.eager  # eager (bf16 scores, fp32 softmax rounded) or sdpa
+    rope_dtype: VisionRopeDtype = VisionRopeDtype.fp32  # vision rope cos/sin dtype
+
+
 @dataclass(slots=True, kw_only=True)
 class LmHeadNumerics:
     impl: Impl = Impl.auto
@@ -250,6 +287,7 @@ class OpsNumerics:
     mla: MlaNumerics = field(default_factory=MlaNumerics)
     attention: AttentionNumerics = field(default_factory=AttentionNumerics)
     rope: RopeNumerics = field(default_factory=RopeNumerics)
+    vision: VisionNumerics = field(default_factory=VisionNumerics)
     lm_head: LmHeadNumerics = field(default_factory=LmHeadNumerics)
     logprobs: LogprobNumerics = field(default_factory=LogprobNumerics)
     sampling: SamplingNumerics = field(default_factory=SamplingNumerics)
