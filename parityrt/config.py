@@ -83,6 +83,9 @@ class TrainConfig:
     world_size: int = 1  # FSDP2 data-parallel ranks on this host (gloo on CPU, NCCL on CUDA)
     micro_batch_tokens: int = 4096  # tokens packed into one trainer forward (whole sequences only)
     timeout_s: int = 300  # a collective that waits longer fails the job instead of hanging
+    # `python -m parityrt.train score`: the rollouts' numerics contract (a numerics_fingerprint.json or the run
+    # directory holding it); null: the one beside `input` when there is one (scripts/generate.py's run directory)
+    fingerprint: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)

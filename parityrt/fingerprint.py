@@ -39,6 +39,10 @@ from parityrt.numerics import NumericsPolicy, to_jsonable
 SCHEMA = 1  # hashed: a change of what goes into the fingerprint changes every hash
 FILE_NAME = "numerics_fingerprint.json"
 SECTIONS = ("schema", "policy", "process", "model", "parallel", "versions", "device")
+# Knobs that decide no bit of the contract's forward. router.replay makes a trainer take the server's own expert
+# choices (R3): it exists to match a server that does not replay, so a trainer replaying and a server not
+# replaying are one contract.
+NOT_CONTRACT = {"router": {"replay"}}
 
 
 class FingerprintMismatch(ValueError):
@@ -64,7 +68,7 @@ def numerics_fingerprint(model: Any, table: dict[str, dict[str, Any]], *, policy
             tp["backend"] = backend if backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
     body = {
         "schema": SCHEMA,
-        "policy": to_jsonable(table),
+        "policy": policy_section(table),
         "process": {"deterministic": policy.deterministic, "shape_stable": policy.shape_stable},
         "model": model_section(model, dtype),
         "parallel": tp,
@@ -72,6 +76,15 @@ def numerics_fingerprint(model: Any, table: dict[str, dict[str, Any]], *, policy
         "device": device_section(device),
     }
     return {"name": policy.name, "hash": fingerprint_hash(body), **body}
+
+
+def policy_section(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The bound table as JSON, without the knobs that decide no bit (NOT_CONTRACT)."""
+    out = to_jsonable(table)
+    for entry in out.values():
+        for knob in NOT_CONTRACT.get(entry.get("op"), ()):
+            entry.pop(knob, None)
+    return out
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:

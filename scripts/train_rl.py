@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from parityrt.config import ModelConfig, RunConfig, load_preset
 from parityrt.distributed import free_port
+from parityrt.fingerprint import diff_fingerprints, fetch_fingerprint, write_fingerprint
 from parityrt.train import Sample, TrainModel
 from parityrt.train.fsdp import init_group, save_pretrained, shard
 from parityrt.train.rl import even_token_reward, group_advantages, grpo_loss
@@ -129,6 +130,18 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def check_contract(train: TrainModel, url: str, intended: bool) -> None:
+    """At start: the server's numerics contract against the trainer's. When both run one preset (`intended`) a
+    difference is refused (TrainModel.check_server names every knob); a deliberate mismatch (rollout.numerics or
+    train.numerics set) is printed, since it is what the run measures."""
+    if intended:
+        train.check_server(url)
+        return
+    differences = diff_fingerprints(train.fingerprint(), fetch_fingerprint(url))
+    print(f"trainer vs server numerics contract: {len(differences)} differences (deliberate), e.g.\n  "
+          + "\n  ".join(differences[:8]), file=sys.stderr)
+
+
 def train_rl(run: TrainRLConfig, run_dir: Path) -> list[dict[str, Any]]:
     rl = run.rl
     ckpt = Path(run.model.path).expanduser() if run.model.path else ensure_generated_checkpoint(run.model)
@@ -138,6 +151,13 @@ def train_rl(run: TrainRLConfig, run_dir: Path) -> list[dict[str, Any]]:
                                                      dtype=run.model.dtype), train_policy))
     opt = torch.optim.AdamW([p for p in train.parameters() if p.requires_grad], lr=rl.lr, weight_decay=0.0)
     server, url = (None, run.rollout.url) if run.rollout.url else start_server(run, ckpt, run_dir)
+    write_fingerprint(run_dir, train.fingerprint())
+    try:
+        check_contract(train, url, intended=not (run.train.numerics or run.rollout.numerics))
+    except BaseException:
+        if server is not None:
+            server.terminate()
+        raise
     g = torch.Generator().manual_seed(rl.seed)
     prompts = [torch.randint(0, train.model.args.vocab_size, (rl.prompt_len,), generator=g).tolist() for _ in range(rl.prompts)]
     rows = []

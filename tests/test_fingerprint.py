@@ -132,13 +132,21 @@ def test_a_trainer_checks_the_server(srv, base, model) -> None:
         check_server_fingerprint(srv.url, mine, api_key=KEY)
 
 
-def test_a_train_model_has_the_servers_fingerprint(srv, base) -> None:
-    """parityrt/train's TrainModel on the served checkpoint and policy: the same contract, so check_server passes."""
+def test_a_train_model_checks_the_server(srv, base) -> None:
+    """parityrt/train's TrainModel on the served checkpoint and policy is the same contract, so check_server
+    passes, also while it replays the server's routing (router.replay decides no bit of the contract); another
+    knob is refused, naming it."""
     from parityrt.train.model import TrainModel
 
     train = TrainModel.from_pretrained(srv.state.model_path, "rl_parity")
-    mine = numerics_fingerprint(train.model, train.table, policy=train.policy, dtype="bfloat16", device=str(train.device))
-    assert check_server_fingerprint(srv.url, mine, api_key=KEY)["hash"] == mine["hash"] == base["hash"]
+    assert train.fingerprint()["hash"] == base["hash"]
+    assert train.check_server(srv.url, api_key=KEY)["hash"] == base["hash"]
+    replaying = TrainModel.from_pretrained(srv.state.model_path, with_ops(load_preset("rl_parity"), router={"replay": True}))
+    assert any(t.get("replay") for t in replaying.table.values())
+    assert replaying.check_server(srv.url, api_key=KEY)["hash"] == base["hash"]
+    other = TrainModel.from_pretrained(srv.state.model_path, with_ops(load_preset("rl_parity"), experts={"combine": "fp32_sum"}))
+    with pytest.raises(FingerprintMismatch, match=r"policy layers\.0\.mlp\.experts\.combine: fp32_sum != "):
+        other.check_server(srv.url, api_key=KEY)
 
 
 def test_a_weight_update_keeps_the_contract(srv, cache_dir) -> None:

@@ -15,12 +15,13 @@ import torch
 from hf_reference import tiny_model_config
 from parityrt.config import EngineConfig, compose_run, load_preset
 from parityrt.engine.engine import Engine
+from parityrt.fingerprint import write_fingerprint
 from parityrt.generation import parse_records
 from parityrt.numerics import bind
 from parityrt.server.protocol.response import generate_response
 from parityrt.tokenizer import Tokenizer
 from parityrt.train import Sample, TrainModel
-from parityrt.train.score import RecordError, read_samples, rescored, score
+from parityrt.train.score import RecordError, check_contract, expected_fingerprints, read_samples, rescored, score
 from parityrt.weights import build_model, ensure_generated_checkpoint
 
 TOK = Tokenizer.from_dir()
@@ -107,6 +108,9 @@ def test_scoring_cli_writes_the_records_and_refuses_bad_ones(setup, tmp_path) ->
     ckpt = ensure_generated_checkpoint(cfg)
     inp, out = tmp_path / "rollouts.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # the run directory's contract (scripts/generate.py writes it beside the records): the trainer's own passes
+    ours = TrainModel.from_config(cfg, "rl_parity").fingerprint()
+    write_fingerprint(tmp_path, ours)
     cmd = [sys.executable, "-m", "parityrt.train", "score", f"model={name}", f"model.path={ckpt}", "numerics=rl_parity",
            f"input={inp}", f"output={out}", "train.world_size=1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -118,6 +122,25 @@ def test_scoring_cli_writes_the_records_and_refuses_bad_ones(setup, tmp_path) ->
     inp.write_text(json.dumps(records[0]) + "\n" + json.dumps(bad) + "\n")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "error: record 2" in proc.stderr and "outside the vocabulary" in proc.stderr
+    inp.write_text(json.dumps(records[0]) + "\n" + json.dumps(dict(records[1], numerics_fingerprint="0123abcd")) + "\n")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "record 2: numerics fingerprint 0123abcd is not the trainer's" in proc.stderr
+
+
+def test_scoring_refuses_rollouts_of_another_contract(tmp_path) -> None:
+    """A run directory's fingerprint that differs names every differing knob; a record's hash names the record."""
+    ours = {"name": "rl_parity", "hash": "aaaa", "schema": 1, "policy": {"lm_head": {"op": "lm_head", "dtype": "native"}}}
+    theirs = dict(ours, hash="bbbb", policy={"lm_head": {"op": "lm_head", "dtype": "fp32"}})
+    check_contract(ours, [("x", dict(ours)), ("record 1", "aaaa")])
+    with pytest.raises(RecordError, match=r"run/numerics_fingerprint.json: .* 1 place.*\n  policy lm_head.dtype: native != fp32"):
+        check_contract(ours, [("run/numerics_fingerprint.json", theirs)])
+    with pytest.raises(RecordError, match=r"record 3: numerics fingerprint bbbb is not the trainer's aaaa"):
+        check_contract(ours, [("record 3", "bbbb")])
+    with pytest.raises(RecordError, match=r"record 2: numerics_fingerprint must be"):
+        check_contract(ours, [("record 2", 7)])
+    run = compose_run(["model=qwen3_5_moe_tiny", f"input={tmp_path / 'in.jsonl'}", f"train.fingerprint={tmp_path / 'none.json'}"])
+    with pytest.raises(RecordError, match="cannot read a numerics fingerprint"):
+        expected_fingerprints(run, [])
 
 
 def test_bad_records_name_the_record() -> None:

@@ -24,6 +24,7 @@ def _train_rl(tmp_path: Path, steps: int, *overrides: str) -> list[dict]:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "train_rl.png").stat().st_size > 0
+    assert json.loads((run_dir / "numerics_fingerprint.json").read_text())["hash"]  # the trainer's contract
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from parityrt.config import ModelConfig, load_preset
+from parityrt.fingerprint import check_server_fingerprint, numerics_fingerprint
 from parityrt.layers.cache import ForwardBatch
 from parityrt.numerics import STABLE_ROWS, NumericsPolicy, bind, onednn
 from parityrt.routing_replay import OWN_CHOICE
@@ -75,6 +77,17 @@ class TrainModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def fingerprint(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """The trainer's numerics contract (parityrt/fingerprint.py): its policy table, model, bf16 compute dtype
+        (FSDP2's param_dtype, not the fp32 masters'), TP 1, versions and device. FSDP's data parallelism reduces
+        gradients, never a forward value, so the world size is not part of it."""
+        return numerics_fingerprint(self.model, self.table, policy=self.policy, dtype=dtype, device=self.device)
+
+    def check_server(self, url: str, api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Refuse (FingerprintMismatch, naming every differing knob) a server whose numerics contract is not this
+        trainer's: its rollouts' logprobs could not be matched bit for bit. Returns the server's fingerprint."""
+        return check_server_fingerprint(url, self.fingerprint(), api_key=api_key, timeout=timeout)
 
     def forward(self, samples: list[Sample]) -> list[torch.Tensor]:
         """fp32 logprobs [len(targets)] of each sample's target tokens, one varlen forward for all of them."""

@@ -8,6 +8,11 @@ A record holds `input_ids` (the prompt), `output_ids` and the server's `meta_inf
 temperature than 1. Each output token's logprob is recomputed by a TrainModel forward under autograd, FSDP2 over W
 ranks (sample i on rank i mod W), packed into micro-batches of at most N tokens; the record comes back with those
 logprobs in place of the server's and `max_abs_diff`, the largest |trainer - server| over its tokens.
+
+The rollouts' numerics contract is checked before anything is scored: the fingerprint at train.fingerprint (or
+the numerics_fingerprint.json beside the input, as scripts/generate.py writes it), and a record's own
+`numerics_fingerprint` (the served fingerprint, or its hash) when it carries one. A trainer whose contract is not
+the rollouts' cannot reproduce their bits; it is refused, naming the record and every differing knob.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parityrt.config import RunConfig
+from parityrt.fingerprint import FILE_NAME, diff_fingerprints, read_fingerprint
 from parityrt.server.protocol.generate import parse_sampling
 from parityrt.train.model import Sample, TrainModel, micro_batches
 
@@ -65,14 +71,51 @@ def read_samples(records: list[dict[str, Any]], vocab: int) -> list[Sample]:
     return samples
 
 
-def _score_rank(rank: int, world: int, port: int, run: RunConfig, samples: list[Sample]) -> dict[int, list[float]]:
+def check_contract(ours: dict[str, Any], expected: list[tuple[str, Any]]) -> None:
+    """Raise RecordError unless every (where, fingerprint) agrees with the trainer's own; a fingerprint is a
+    served/written one (a dict: every differing knob is named) or its hash (a string)."""
+    for where, theirs in expected:
+        if isinstance(theirs, str):
+            if theirs != ours["hash"]:
+                raise RecordError(f"{where}: numerics fingerprint {theirs} is not the trainer's {ours['hash']} "
+                                  f"(numerics {ours['name']!r}): its logprobs came from another numerics contract")
+        elif isinstance(theirs, dict):
+            if diff := diff_fingerprints(ours, theirs):
+                raise RecordError(f"{where}: the rollouts' numerics contract is not the trainer's in {len(diff)} "
+                                  "place(s) (trainer != rollouts):\n  " + "\n  ".join(diff))
+        else:
+            raise RecordError(f"{where}: numerics_fingerprint must be a fingerprint object or its hash string, "
+                              f"got {type(theirs).__name__}")
+
+
+def expected_fingerprints(run: RunConfig, records: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The fingerprints the rollouts claim: the run's file (train.fingerprint, else one beside the input) and
+    each record's own `numerics_fingerprint`."""
+    out: list[tuple[str, Any]] = []
+    path = Path(run.train.fingerprint).expanduser() if run.train.fingerprint else Path(run.input).parent / FILE_NAME
+    if run.train.fingerprint or path.is_file():
+        try:
+            out.append((str(path), read_fingerprint(path)))
+        except (OSError, json.JSONDecodeError) as e:
+            raise RecordError(f"train.fingerprint={path}: cannot read a numerics fingerprint ({e})") from None
+    for i, rec in enumerate(records):
+        if "numerics_fingerprint" in rec:
+            out.append((f"record {i + 1}", rec["numerics_fingerprint"]))
+    return out
+
+
+def _score_rank(rank: int, world: int, port: int, run: RunConfig, samples: list[Sample],
+                expected: list[tuple[str, Any]]) -> dict[int, list[float]]:
     """This rank's share of the samples, scored; every rank runs the same number of forwards (FSDP's all-gathers
-    are collective), padding with a throw-away two-token sample."""
+    are collective), padding with a throw-away two-token sample. Every rank checks the contract before its first
+    collective, so a mismatch fails them all at once instead of leaving some waiting."""
     from parityrt.train.fsdp import init_group, shard
 
     init_group(rank, world, port, run.model.device, run.train.timeout_s)
     try:
-        train = shard(TrainModel.from_config(run.model, run.numerics))
+        train = TrainModel.from_config(run.model, run.numerics)
+        check_contract(train.fingerprint(), expected)
+        train = shard(train)
         mine = list(range(rank, len(samples), world))
         batches = micro_batches([samples[i] for i in mine], run.train.micro_batch_tokens)
         counts = [None] * world
@@ -92,19 +135,21 @@ def _score_rank(rank: int, world: int, port: int, run: RunConfig, samples: list[
         dist.destroy_process_group()
 
 
-def score(run: RunConfig, samples: list[Sample]) -> list[list[float]]:
-    """Every sample's target logprobs, from train.world_size ranks (this process is rank 0)."""
+def score(run: RunConfig, samples: list[Sample], expected: list[tuple[str, Any]] = ()) -> list[list[float]]:
+    """Every sample's target logprobs, from train.world_size ranks (this process is rank 0), after checking the
+    `expected` fingerprints (expected_fingerprints) against the trainer's."""
     from parityrt.distributed import free_port
 
     world, port = run.train.world_size, free_port()
     if world < 1:
         raise ValueError(f"train.world_size must be at least 1, got {world}")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_score_rank, args=(r, world, port, run, samples), daemon=True) for r in range(1, world)]
+    procs = [ctx.Process(target=_score_rank, args=(r, world, port, run, samples, list(expected)),
+                         daemon=True) for r in range(1, world)]
     for p in procs:
         p.start()
     try:
-        result = _score_rank(0, world, port, run, samples)
+        result = _score_rank(0, world, port, run, samples, list(expected))
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -148,7 +193,7 @@ def main(run: RunConfig) -> None:
             except json.JSONDecodeError as e:
                 raise RecordError(f"{run.input}:{n}: not JSON ({e.msg})") from None
     samples = read_samples(records, _vocab_size(run))
-    out = rescored(records, score(run, samples))
+    out = rescored(records, score(run, samples, expected_fingerprints(run, records)))
     Path(run.output).parent.mkdir(parents=True, exist_ok=True)
     Path(run.output).write_text("".join(json.dumps(r) + "\n" for r in out))
     worst = max((r["max_abs_diff"] for r in out), default=0.0)
