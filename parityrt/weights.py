@@ -78,15 +78,16 @@ def load_weights(model: nn.Module, ckpt_dir: Path) -> None:
                 target = model.checkpoint_name(hf_name)
                 if target is None:
                     continue
-                name, shard = target
-                if name not in params:
-                    raise CheckpointError(f"{path}: tensor {hf_name!r} maps to {name!r}, which the model does not have")
-                param = params[name]
-                try:
-                    param.weight_loader(param, f.get_tensor(hf_name).to(param.dtype), shard)
-                except ValueError as e:
-                    raise CheckpointError(f"{path}: tensor {hf_name!r}: {e}") from None
-                loaded.add(name)
+                # one tensor may feed several parameters (Kimi's fused vision wqkv -> q, k, v)
+                for name, shard in target if isinstance(target, list) else [target]:
+                    if name not in params:
+                        raise CheckpointError(f"{path}: tensor {hf_name!r} maps to {name!r}, which the model does not have")
+                    param = params[name]
+                    try:
+                        param.weight_loader(param, f.get_tensor(hf_name).to(param.dtype), shard)
+                    except ValueError as e:
+                        raise CheckpointError(f"{path}: tensor {hf_name!r}: {e}") from None
+                    loaded.add(name)
     if getattr(model.args, "tie_word_embeddings", False) and "lm_head.weight" not in loaded:
         params["lm_head.weight"].data.copy_(params["embed_tokens.weight"].data)
         loaded.add("lm_head.weight")
@@ -137,7 +138,7 @@ def write_generated_checkpoint(hf_cfg: dict[str, Any], seed: int, out: Path) -> 
     tensors = {}
     for name, p in model.named_parameters():  # fp32 parameters (e.g. the router bias) stay fp32
         tensors[name] = init_tensor(name, tuple(p.shape), gen, model_cls.norm_weight_base).to(p.dtype)
-    hf_tensors = model_cls.to_checkpoint(tensors)
+    hf_tensors = model.to_checkpoint(tensors)  # on the (meta) instance: a layout may need the model's sizes
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
     save_file(hf_tensors, str(tmp), metadata={"format": "pt", "generator": f"parityrt seed={seed}"})
