@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from parityrt.config import EngineConfig
+from parityrt.engine import weight_update
 from parityrt.engine.cuda_graph import DecodeGraphs
 from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
 from parityrt.engine.model_runner import ModelRunner, SeqResult, inner_module
@@ -80,6 +81,7 @@ class Engine:
         # SGLang's weight-version events: rid -> [(old version, output tokens made under it)], one entry per
         # version change the request lived through with tokens already out; read by output() (weight_versions)
         self.version_events: dict[str, list[tuple[str, int]]] = {}
+        self.backup = weight_update.TensorBackup()  # the weights while released (release_memory)
         self.scheduler = Scheduler(self.kv, self.states, cfg.max_running_requests, cfg.chunked_prefill_size,
                                    chunk_alignment(inner_module(model)))
         self.set_model(model, weight_version)
@@ -302,6 +304,79 @@ class Engine:
             return False
         self.kv.clear()
         return True
+
+    # ---- weights and memory while serving (parityrt/engine/weight_update.py) -----------------------------------
+
+    MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's release_memory_occupation tags
+
+    def _module_in_place(self) -> torch.nn.Module:
+        if not isinstance(self.model, torch.nn.Module):
+            raise weight_update.WeightUpdateError("weights cannot be changed in place with real tensor parallelism "
+                                                  "yet (use /update_weights_from_disk with parallel.virtual=true)")
+        if self.backup.released:
+            raise weight_update.WeightUpdateError("the weights are released (/resume_memory_occupation first)")
+        return self.model
+
+    def update_weights(self, named: list[tuple[str, torch.Tensor]]) -> list[str]:
+        """Load named checkpoint tensors into the served parameters, all or none (weight_update.stage checks the
+        whole update first). Requests still running continue on the new weights with the KV they have, as in
+        SGLang; the server calls this on an idle or paused engine. Returns the parameters written."""
+        module = self._module_in_place()
+        return weight_update.commit(module, weight_update.stage(module, named))
+
+    def weights_by_name(self, name: str, truncate_size: int) -> list[Any]:
+        return weight_update.weights_by_name(self._module_in_place(), name, truncate_size)
+
+    def retract_all(self) -> int:
+        """SGLang's pause_generation(mode="retract"): every running request back to the waiting queue, its KV and
+        state freed; it is recomputed from its tokens when it runs again (bitwise, under a decode-invariant policy).
+        Returns how many were retracted."""
+        running = list(self.scheduler.running)
+        for seq in reversed(running):  # appendleft in reverse: the queue keeps their order
+            self.scheduler.preempt(seq)
+        return len(running)
+
+    def release_memory(self, tags: list[str]) -> None:
+        """Drop the tensors of `tags` (SGLang's release_memory_occupation): the KV and GDN stores, the model's
+        weights (kept in host memory, weight_update.TensorBackup), the captured CUDA graphs. Only on an idle
+        engine: running requests own the caches."""
+        if bad := sorted(set(tags) - set(self.MEMORY_TAGS)):
+            raise ValueError(f"unknown memory tags {bad}; known: {list(self.MEMORY_TAGS)}")
+        if self.has_work():
+            raise ValueError(f"memory can only be released on an idle engine ({len(self.scheduler.running)} running, "
+                             f"{len(self.scheduler.waiting)} waiting requests): let them finish or abort them "
+                             "(/pause_generation with mode abort) first")
+        if "weights" in tags and not self.backup.released:
+            self._module_in_place()  # refuses real TP
+        self.flush_cache()
+        if "kv_cache" in tags:
+            self.kv.clear()
+        if "weights" in tags:
+            self.backup.release(self.model)
+        if self.graphs is not None and ({"weights", "cuda_graph"} & set(tags)):
+            self.graphs.bind(self.model)  # graphs read the freed addresses: drop them (recaptured on use)
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back to the driver, where the trainer can take them
+
+    def resume_memory(self, tags: list[str]) -> None:
+        """Undo release_memory for `tags`: the weights come back bit for bit; the stores are allocated again on
+        first use (as after a flush)."""
+        if bad := sorted(set(tags) - set(self.MEMORY_TAGS)):
+            raise ValueError(f"unknown memory tags {bad}; known: {list(self.MEMORY_TAGS)}")
+        if "weights" in tags and self.backup.released:
+            self.backup.restore()
+            if self.graphs is not None:
+                self.graphs.bind(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors live (weight-update buffers are received there)."""
+        return self.runner.device
+
+    @property
+    def memory_released(self) -> bool:
+        """The weights are released: no step may run."""
+        return self.backup.released
 
     def generate(self, requests: list[GenerateRequest]) -> list[Sequence]:
         """Offline: run every request to the end with continuous batching; sequences in request order."""

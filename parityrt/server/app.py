@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parityrt.engine.api import Engine, GenerateRequest, RequestOutput, SamplingParams
+from parityrt.server.control import add_control_routes
 from parityrt.server.protocol import openai as O
 from parityrt.server.protocol import schemas as S
 from parityrt.server.protocol.generate import SURROGATE, ContractError, Limits, has_lone_surrogate, parse_generate
@@ -422,4 +423,5 @@ def create_app(state: ServerState) -> FastAPI:
         await state.worker.call(update)
         return {"success": True, "message": f"Weight version updated to {obj.new_version}", "new_version": obj.new_version}
 
+    add_control_routes(app, state, VERSION)  # weight sync, pause, memory, loads, metrics, tokenize (control.py)
     return app
