@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,12 @@ def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, norm_ba
     """Deterministic weights that keep activations O(1) and make every norm weight non-trivial.
     norm_base: the identity value of the model's stored norm weights (0 for zero-centred norms, else 1)."""
     leaf = name.rsplit(".", 1)[-1]
+    if name.startswith(("visual.", "vision_tower.", "mm_projector.")):  # the vision tower: LayerNorms near 1, small biases, conv fan-in = C·T·P·P
+        if re.search(r"norm\d?\.weight$", name):
+            return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        if leaf == "bias":
+            return 0.1 * torch.randn(shape, generator=gen)
+        return torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]) if len(shape) > 1 else 1)
     if leaf == "A_log":
         return torch.empty(shape).uniform_(1.0, 16.0, generator=gen).log()
     if leaf == "dt_bias":

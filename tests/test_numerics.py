@@ -127,8 +127,10 @@ def test_bad_overrides_fail_clearly(model) -> None:
 def test_every_op_kind_is_bound_and_written(model, cache_dir, tmp_path) -> None:
     """Every op kind of the schema governs a module of one of the two models (none is dead)."""
     kimi, _ = build_model(tiny_model_config("kimi_k25_tiny", cache_dir=str(cache_dir)))
+    qwen_vl, _ = build_model(tiny_model_config("qwen3_5_moe_vl_tiny", cache_dir=str(cache_dir)))  # the vision op
     table = bind(model, load_preset(BASE))
-    assert {t["op"] for t in table.values()} | {t["op"] for t in bind(kimi, load_preset(BASE)).values()} == set(OP_KINDS)
+    ops = {t["op"] for m in (kimi, qwen_vl) for t in bind(m, load_preset(BASE)).values()}
+    assert {t["op"] for t in table.values()} | ops == set(OP_KINDS)
     path = write_resolved(tmp_path, load_preset(BASE), table)
     data = json.loads(path.read_text())
     assert data["policy"]["name"] == BASE and data["modules"]["layers.0.mlp.experts"]["combine"] == "index_add_bf16"

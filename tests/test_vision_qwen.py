@@ -1,0 +1,314 @@
+"""Qwen3.5-MoE with images against the pinned transformers (Qwen3_5MoeForConditionalGeneration, eager attention in
+the text model and in the vision tower: the per-image split), on the tiny VL config with random weights: the image
+processor (pixels and grids), the mRoPE positions and rope_delta, the image embeddings and bf16 logits bit for bit,
+the vision knobs, and the loader's names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_reference import tiny_model_config
+from parityrt.config import ModelConfig, load_preset
+from parityrt.layers.cache import ForwardBatch
+from parityrt.numerics import bind, with_ops
+from parityrt.vision.images import ImageError, load_image
+from parityrt.vision.qwen_processor import (
+    QwenImageConfig,
+    expand_placeholders,
+    expand_text,
+    mrope_positions,
+    process_images,
+    smart_resize,
+)
+from parityrt.weights import build_model, init_tensor
+
+transformers = pytest.importorskip("transformers")
+CFG = tiny_model_config("qwen3_5_moe_vl_tiny").hf_config
+IMAGE, START, END = CFG["image_token_id"], CFG["vision_start_token_id"], CFG["vision_end_token_id"]
+MERGE = CFG["vision_config"]["spatial_merge_size"]
+
+
+def make_image(h: int, w: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A smooth gradient with noise (bicubic resampling sees both), generated at test time."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(yy * 255 // max(h - 1, 1)), (xx * 255 // max(w - 1, 1)), ((yy + xx) * 7) % 256], -1)
+    pixels = np.clip(base + g.integers(-40, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+    if mode == "RGBA":
+        alpha = g.integers(0, 256, (h, w, 1), dtype=np.uint8)
+        return Image.fromarray(np.concatenate([pixels, alpha], -1), "RGBA")
+    return Image.fromarray(pixels, "RGB")
+
+
+# 256x256: 16x16 patches = the 16x16 position table, an identity resample; 190x333: 14x22 patches, ragged
+IDENTITY, RAGGED = make_image(256, 256, 0), make_image(190, 333, 1)
+
+
+def hf_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    c = QwenImageConfig()
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": c.min_pixels, "longest_edge": c.max_pixels},
+                                    patch_size=c.patch_size, temporal_patch_size=c.temporal_patch_size,
+                                    merge_size=c.merge_size, image_mean=c.image_mean, image_std=c.image_std)
+
+
+def prompt(n_images: int, seed: int = 0) -> list[int]:
+    """Text, then per image <|vision_start|><|image_pad|><|vision_end|> and more text (one placeholder each)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 2040, (5,), generator=g).tolist()
+    for _ in range(n_images):
+        ids += [START, IMAGE, END] + torch.randint(0, 2040, (4,), generator=g).tolist()
+    return ids
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """transformers' model in fp32 with random weights (non-trivial norms), saved in bf16 in its own layout."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    config = Qwen3_5MoeConfig(**{k: v for k, v in CFG.items() if k not in ("architectures", "model_type")})
+    model = Qwen3_5MoeForConditionalGeneration._from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_tensor(name.removeprefix("model.").removeprefix("language_model."), tuple(p.shape), gen, 0.0))
+    out = tmp_path_factory.mktemp("qwen_vl")
+    save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(CFG))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    return Qwen3_5MoeForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch.bfloat16, attn_implementation="eager", experts_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint):
+    model, _ = build_model(ModelConfig(name="t", path=str(checkpoint), dtype="bfloat16"))
+    return model
+
+
+def run_ours(model, ids: list[int], images: list[Image.Image]) -> torch.Tensor:
+    px = process_images(images, QwenImageConfig())
+    ids = expand_placeholders(ids, px.tokens(MERGE), IMAGE)
+    pos, _ = mrope_positions(ids, px.grid_thw, IMAGE, MERGE)
+    with torch.no_grad():
+        emb = model.encode_images(px.pixel_values, px.grid_thw) if images else None
+        h = model(torch.tensor(ids), pos if images else torch.arange(len(ids)), ForwardBatch.packed([len(ids)], "cpu"), emb)
+        return model.compute_logits(h)
+
+
+def run_hf(model, ids: list[int], images: list[Image.Image]) -> torch.Tensor:
+    px = process_images(images, QwenImageConfig())
+    ids_t = torch.tensor([expand_placeholders(ids, px.tokens(MERGE), IMAGE)])
+    with torch.no_grad():
+        return model(input_ids=ids_t, pixel_values=px.pixel_values, image_grid_thw=torch.tensor(px.grid_thw),
+                     mm_token_type_ids=(ids_t == IMAGE).int()).logits[0]
+
+
+def first_difference(ours_model, hf_model, ids: list[int], images: list[Image.Image]) -> str:
+    """The first module (forward order) whose output differs, for the failure message."""
+    v, hv = ours_model.visual, hf_model.model.visual
+    pairs = [(v.patch_embed, hv.patch_embed), *zip(v.blocks, hv.blocks), (v.merger, hv.merger),
+             *zip(ours_model.layers, hf_model.model.language_model.layers)]
+    names = ["visual.patch_embed", *[f"visual.blocks.{i}" for i in range(len(v.blocks))], "visual.merger",
+             *[f"layers.{i}" for i in range(len(ours_model.layers))]]
+    got: dict[int, list[torch.Tensor]] = {}
+
+    def keep(i):
+        def hook(_m, _a, out):
+            if isinstance(out, tuple):  # our decoder layers: (x, residual), which the next norm adds
+                out = out[0] + out[1] if len(out) == 2 and out[1] is not None else out[0]
+            got.setdefault(i, []).append(out.reshape(-1, out.shape[-1]))
+        return hook
+
+    handles = [m.register_forward_hook(keep(2 * i + side)) for i, pair in enumerate(pairs) for side, m in enumerate(pair)]
+    try:
+        run_ours(ours_model, ids, images)
+        run_hf(hf_model, ids, images)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, name in enumerate(names):
+        a, b = got.get(2 * i), got.get(2 * i + 1)
+        if a is None or b is None or not torch.equal(a[0], b[0]):
+            return name
+    return "none (the modules agree; the head or the splice differs)"
+
+
+# ---- the processor --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("images", [
+    [IDENTITY], [RAGGED], [IDENTITY, RAGGED, make_image(30, 41, 2, "RGBA")],
+    [make_image(1000, 1200, 3)], [Image.fromarray(np.zeros((64, 80), np.uint8), "L")],
+])
+def test_processor_bitwise(images) -> None:
+    ref = hf_processor()(images, return_tensors="pt")
+    ours = process_images(images, QwenImageConfig())
+    assert ours.grid_thw == [tuple(g) for g in ref["image_grid_thw"].tolist()]
+    assert ours.pixel_values.dtype == ref["pixel_values"].dtype == torch.float32
+    assert torch.equal(ours.pixel_values, ref["pixel_values"])
+
+
+def test_smart_resize_matches_and_refuses() -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_resize
+
+    for h, w in [(256, 256), (190, 333), (30, 41), (4000, 3000), (33, 6000)]:
+        assert smart_resize(h, w, 32, 65536, 16777216) == hf_resize(h, w, 32, 65536, 16777216)
+    with pytest.raises(ImageError, match="aspect ratio"):
+        smart_resize(2, 500, 32, 65536, 16777216)
+
+
+def test_placeholders_expand_as_the_processor() -> None:
+    """The token-level expansion equals transformers' text expansion (then tokenization) and its mm token types."""
+    px = process_images([IDENTITY, RAGGED], QwenImageConfig())
+    text = "a<|image_pad|>b<|image_pad|>"
+    assert expand_text(text, px.tokens(MERGE), "<|image_pad|>") == "a" + "<|image_pad|>" * 64 + "b" + "<|image_pad|>" * 77
+    assert px.tokens(MERGE) == [64, 77]
+    ids = expand_placeholders(prompt(2), px.tokens(MERGE), IMAGE)
+    assert ids.count(IMAGE) == 141
+    with pytest.raises(ImageError, match="2 image placeholders for 1 images"):
+        expand_placeholders(prompt(2), [64], IMAGE)
+
+
+def test_mrope_positions_equal(hf) -> None:
+    px = process_images([IDENTITY, RAGGED], QwenImageConfig())
+    ids = expand_placeholders(prompt(2), px.tokens(MERGE), IMAGE)
+    ids_t = torch.tensor([ids])
+    ref_pos, ref_delta = hf.model.get_rope_index(ids_t, (ids_t == IMAGE).int(), torch.tensor(px.grid_thw))
+    pos, delta = mrope_positions(ids, px.grid_thw, IMAGE, MERGE)
+    assert torch.equal(pos, ref_pos[:, 0]) and delta == int(ref_delta) < 0
+    # decode: transformers' cached rope_deltas give position cache_len + delta on every axis
+    assert mrope_positions(ids + [7], px.grid_thw, IMAGE, MERGE)[0][:, -1].tolist() == [len(ids) + delta] * 3
+
+
+# ---- the model ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("images", [[IDENTITY], [RAGGED], [IDENTITY, RAGGED]], ids=["identity", "ragged", "two"])
+def test_bf16_logits_bitwise(hf, ours, images) -> None:
+    """hf_eager = transformers with attn_implementation="eager" (the vision tower's per-image split, eager core)."""
+    assert hf.config.vision_config._attn_implementation == "eager"
+    bind(ours, load_preset("hf_eager"))
+    ids = prompt(len(images))
+    px = process_images(images, QwenImageConfig())
+    with torch.no_grad():
+        ref_emb = torch.cat(hf.model.get_image_features(px.pixel_values, torch.tensor(px.grid_thw)).pooler_output)
+        assert torch.equal(ours.encode_images(px.pixel_values, px.grid_thw), ref_emb), first_difference(ours, hf, ids, images)
+    a, b = run_ours(ours, ids, images), run_hf(hf, ids, images)
+    assert a.dtype == torch.bfloat16
+    assert torch.equal(a, b), f"first differing module: {first_difference(ours, hf, ids, images)}"
+
+
+def test_sdpa_vision_matches_transformers_sdpa(checkpoint, ours) -> None:
+    """vision.attention_impl=sdpa reproduces transformers' vision tower under attn_implementation="sdpa"."""
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    ref = Qwen3_5MoeForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    assert ref.config.vision_config._attn_implementation == "sdpa"
+    bind(ours, with_ops(load_preset("hf_eager"), vision={"attention_impl": "sdpa"}))
+    px = process_images([IDENTITY, RAGGED], QwenImageConfig())
+    with torch.no_grad():
+        r = torch.cat(ref.model.get_image_features(px.pixel_values, torch.tensor(px.grid_thw)).pooler_output)
+        assert torch.equal(ours.encode_images(px.pixel_values, px.grid_thw), r)
+    bind(ours, load_preset("hf_eager"))
+    assert not torch.equal(ours.encode_images(px.pixel_values, px.grid_thw), r)  # eager and sdpa differ: a real pin
+
+
+@pytest.mark.parametrize("knob,value,impl", [("attention", "varlen", "sdpa"), ("rope_dtype", "model", "eager"),
+                                             ("resample_weights", "model", "eager"), ("dtype", "fp32", "eager")])
+def test_each_vision_knob_changes_bits(ours, knob, value, impl) -> None:
+    px = process_images([IDENTITY, RAGGED], QwenImageConfig())
+    base = with_ops(load_preset("hf_eager"), vision={"attention_impl": impl})
+    bind(ours, base)
+    ref = ours.encode_images(px.pixel_values, px.grid_thw)
+    bind(ours, with_ops(base, vision={"attention_impl": impl, knob: value}))
+    try:
+        assert not torch.equal(ours.encode_images(px.pixel_values, px.grid_thw), ref)
+    finally:
+        bind(ours, load_preset("hf_eager"))
+
+
+def test_eager_varlen_equals_per_image_on_cpu(ours) -> None:
+    """With the eager core, one masked call over both images gives the per-image bits on CPU: the masked
+    probabilities are exact zeros and add nothing to the fp32 sums (sdpa's blocked kernel differs, above)."""
+    px = process_images([IDENTITY, RAGGED], QwenImageConfig())
+    out = []
+    for split in ("per_image", "varlen"):
+        bind(ours, with_ops(load_preset("hf_eager"), vision={"attention": split}))
+        out.append(ours.encode_images(px.pixel_values, px.grid_thw))
+    bind(ours, load_preset("hf_eager"))
+    assert torch.equal(*out)
+
+
+def test_identity_resample_ignores_the_weights_dtype(ours) -> None:
+    """At the table's own grid every weight is 1 or 0, so bf16 weights give the same bits; ragged grids differ."""
+    base = load_preset("hf_eager")
+    bf16 = with_ops(base, vision={"resample_weights": "model"})
+    out = {}
+    for name, policy in [("native", base), ("model", bf16)]:
+        bind(ours, policy)
+        for tag, image in [("identity", IDENTITY), ("ragged", RAGGED)]:
+            px = process_images([image], QwenImageConfig())
+            x = ours.visual.patch_embed(px.pixel_values.to(torch.bfloat16))
+            out[name, tag] = ours.visual.pos_embed(x, px.grid_thw)
+    bind(ours, base)
+    assert torch.equal(out["native", "identity"], out["model", "identity"])
+    assert not torch.equal(out["native", "ragged"], out["model", "ragged"])
+
+
+def test_image_token_count_must_match(ours) -> None:
+    bind(ours, load_preset("hf_eager"))
+    ids = torch.tensor(prompt(1))
+    with pytest.raises(ValueError, match="tokens: 1, features: 2"):
+        ours(ids, torch.arange(len(ids)), ForwardBatch.packed([len(ids)], "cpu"), torch.zeros(2, 256, dtype=torch.bfloat16))
+
+
+def test_generated_tiny_vl_default_loads(tmp_path) -> None:
+    """model=qwen3_5_moe_vl_tiny: generated from its seed in the released layout, read back through model.visual.*"""
+    from safetensors import safe_open
+
+    cfg = dataclasses.replace(tiny_model_config("qwen3_5_moe_vl_tiny"), cache_dir=str(tmp_path))
+    model, ckpt = build_model(cfg)
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.visual.blocks.0.attn.qkv.weight" in names and "model.language_model.embed_tokens.weight" in names
+    bind(model, load_preset("hf_eager"))
+    logits = run_ours(model, prompt(1), [RAGGED])
+    assert torch.isfinite(logits.float()).all() and logits.float().std() > 0.1
+
+
+def test_images_decode_or_refuse(tmp_path) -> None:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    RAGGED.save(buf, format="PNG")
+    png = buf.getvalue()
+    (tmp_path / "x.png").write_bytes(png)
+    b64 = base64.b64encode(png).decode()
+    for src in [png, b64, f"data:image/png;base64,{b64}", str(tmp_path / "x.png")]:
+        assert load_image(src).size == RAGGED.size
+    with pytest.raises(ImageError, match="cannot decode"):
+        load_image(base64.b64encode(b"not an image at all").decode())
+    with pytest.raises(ImageError, match="empty image data"):
+        load_image(b"")
+    with pytest.raises(ImageError, match="cannot decode"):
+        load_image(png[: len(png) // 2])
+    with pytest.raises(ImageError, match="not fetched"):
+        load_image("https://example.com/a.png")
