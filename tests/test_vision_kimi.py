@@ -1,0 +1,401 @@
+"""Kimi K2.5 vision against the pinned transformers (5.23 ships Kimi_K25ForConditionalGeneration natively): the tiny
+VL checkpoint in the released on-disk layout loaded by both; bf16 logits of prompts with images bitwise under
+hf_eager (eager and sdpa ViT attention), the first differing module named otherwise; the image processor bitwise on
+pixels and grid; under rl_parity an image request's bits alone, batched with image and text requests, and
+re-scored in one prefill."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hf_reference import tiny_model_config
+from parityrt.config import load_preset
+from parityrt.layers.cache import ForwardBatch, Stores
+from parityrt.numerics import STABLE_ROWS, bind, onednn, with_ops
+from parityrt.vision.kimi_processor import KimiImageProcessor, expand_placeholders
+from parityrt.weights import CheckpointError, build_model
+
+transformers = pytest.importorskip("transformers")
+CFG = tiny_model_config("kimi_k25_vl_tiny").hf_config
+IMAGE, BEGIN, END = CFG["image_token_id"], CFG["vision_start_token_id"], CFG["vision_end_token_id"]
+
+
+def make_image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A deterministic test picture: smooth gradients plus noise (so that resampling has something to round)."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
+    rgb = np.clip(rgb + g.integers(-40, 40, rgb.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(rgb, "RGB")
+    if mode == "RGBA":
+        alpha = Image.fromarray(g.integers(0, 256, (h, w)).astype(np.uint8), "L")
+        image.putalpha(alpha)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    return image
+
+
+# ---- the processor ---------------------------------------------------------------------------------------------
+
+
+def _hf_functions() -> dict:
+    """navit_resize and patchify from transformers' image_processing_kimi_k25.py, the real source. The module itself
+    imports torchvision at import time, whose PyPI wheel is a CUDA build that cannot load next to the CPU torch here,
+    so its two torch-only functions are taken from the file."""
+    path = Path(transformers.__file__).parent / "models" / "kimi_k25" / "image_processing_kimi_k25.py"
+    tree = ast.parse(path.read_text())
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name in ("navit_resize", "patchify"):
+            found[node.name] = node
+    module = ast.Module(body=[found["navit_resize"], found["patchify"]], type_ignores=[])
+    scope = {"math": math, "torch": torch}
+    exec(compile(module, str(path), "exec"), scope)
+    return scope
+
+
+def hf_kimi_preprocess(images, max_patches=16384, max_side=512, patch=14, merge=2):
+    """Kimi_K25ImageProcessor._preprocess (transformers 5.23) step by step: transformers' convert_to_rgb, its
+    navit_resize and patchify; torchvision 0.28's tensor ops as they run on CPU for these arguments (resize_image:
+    BICUBIC on uint8 is a native uint8 F.interpolate with antialias; pad_image: constant torch pad; normalize:
+    sub_/div_ by the fused fp32 statistics). Images are grouped by shape and stacked as transformers does."""
+    from transformers.image_transforms import convert_to_rgb
+
+    fns = _hf_functions()
+    tensors = [torch.from_numpy(convert_to_rgb(im, return_numpy=True)).permute(2, 0, 1).contiguous() for im in images]
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    out: dict[int, tuple[torch.Tensor, list[int]]] = {}
+    mean = torch.tensor([0.5, 0.5, 0.5]) * (1.0 / (1 / 255))
+    std = torch.tensor([0.5, 0.5, 0.5]) * (1.0 / (1 / 255))
+    for shape, idx in groups.items():
+        stack = torch.stack([tensors[i] for i in idx])
+        (rh, rw), (ph, pw) = fns["navit_resize"](shape[1], shape[2], patch, merge, max_patches, max_side)
+        if (rh, rw) != shape[1:]:
+            stack = F.interpolate(stack, size=[rh, rw], mode="bicubic", align_corners=False, antialias=True)
+        if (ph, pw) != (rh, rw):
+            stack = F.pad(stack, [0, pw - rw, 0, ph - rh], mode="constant", value=0.0)
+        stack = stack.to(torch.float32).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+        patches, gh, gw = fns["patchify"](None, stack, patch)
+        for j, i in enumerate(idx):
+            out[i] = (patches[j], [1, gh, gw])
+    return torch.cat([out[i][0] for i in range(len(images))]), torch.tensor([out[i][1] for i in range(len(images))])
+
+
+PROCESSOR_IMAGES = [
+    (112, 112, "RGB"),  # 8x8 patches: no resize, no pad
+    (126, 70, "RGB"),  # padded to 140x84
+    (300, 200, "RGBA"),  # alpha composited onto white
+    (61, 33, "L"),  # grayscale, padded
+    (33, 61, "P"),  # palette
+    (112, 112, "RGB"),  # a second image of a shape already seen (grouped with the first)
+]
+
+
+@pytest.mark.parametrize("max_patches", [16384, 64, 5])  # 64 and 5: the patch budget forces a bicubic resize
+def test_processor_bitwise(max_patches) -> None:
+    images = [make_image(w, h, seed=i, mode=m) for i, (w, h, m) in enumerate(PROCESSOR_IMAGES)]
+    ref_pix, ref_grid = hf_kimi_preprocess(images, max_patches=max_patches)
+    proc = KimiImageProcessor(max_patches=max_patches)
+    pix, grid = proc(images)
+    assert torch.equal(grid, ref_grid), (grid.tolist(), ref_grid.tolist())
+    assert pix.dtype == ref_pix.dtype == torch.float32 and torch.equal(pix, ref_pix)
+    assert [proc.num_tokens(im.height, im.width) for im in images] == (ref_grid.prod(-1) // 4).tolist()
+    if max_patches == 64:  # the resize really ran: 300x200 has more than 64 patches
+        assert int(grid[2].prod()) < (300 // 14) * (200 // 14)
+
+
+def test_processor_against_transformers_itself() -> None:
+    """The real Kimi_K25ImageProcessor, where torchvision can be imported (not on this project's CPU machines)."""
+    pytest.importorskip("torchvision", reason="torchvision's PyPI wheel is a CUDA build; no CPU wheel is installable here")
+    from transformers import Kimi_K25ImageProcessor
+
+    images = [make_image(w, h, seed=i, mode=m) for i, (w, h, m) in enumerate(PROCESSOR_IMAGES)]
+    for max_patches in (16384, 64):
+        ref = Kimi_K25ImageProcessor(max_patches=max_patches)(images, return_tensors="pt")
+        pix, grid = KimiImageProcessor(max_patches=max_patches)(images)
+        assert torch.equal(grid, ref["image_grid_thw"]) and torch.equal(pix, ref["pixel_values"])
+
+
+def test_processor_bad_input() -> None:
+    with pytest.raises(ValueError, match="no images"):
+        KimiImageProcessor()([])
+    with pytest.raises(ValueError, match="no pixels"):
+        KimiImageProcessor().sizes(0, 10)
+    assert expand_placeholders([1, IMAGE, 2, IMAGE], IMAGE, [2, 3]) == [1, IMAGE, IMAGE, 2, IMAGE, IMAGE, IMAGE]
+    with pytest.raises(ValueError, match="1 image placeholders for 2 images"):
+        expand_placeholders([1, IMAGE], IMAGE, [2, 3])
+    with pytest.raises(ValueError, match="more image placeholders"):
+        expand_placeholders([IMAGE, IMAGE], IMAGE, [2])
+
+
+# ---- the model against transformers -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir):
+    model, ckpt = build_model(tiny_model_config("kimi_k25_vl_tiny", cache_dir=str(cache_dir)))
+    return model, ckpt
+
+
+def _hf(ckpt: Path, attn: str):
+    from transformers import Kimi_K25ForConditionalGeneration
+
+    return Kimi_K25ForConditionalGeneration.from_pretrained(
+        ckpt, dtype=torch.bfloat16, attn_implementation=attn, experts_implementation="eager"
+    ).eval()
+
+
+def _prompt(images: list[Image.Image], seed: int, texts: int = 3) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """ids with each image as <|media_begin|> <|media_pad|>*n <|media_end|> between text runs, pixels, grid."""
+    g = torch.Generator().manual_seed(seed)
+    pix, grid = KimiImageProcessor()(images) if images else (None, None)
+    ids = torch.randint(0, 2040, (texts,), generator=g).tolist()
+    for _ in images:
+        ids += [BEGIN, IMAGE, END] + torch.randint(0, 2040, (texts,), generator=g).tolist()
+    ntok = [] if grid is None else (grid.prod(-1) // 4).tolist()
+    return expand_placeholders(ids, IMAGE, ntok), pix, grid
+
+
+def _ours_logits(model, ids: list[int], pix, grid) -> torch.Tensor:
+    with torch.no_grad():
+        emb = model.embed_images(pix.to(torch.bfloat16), grid) if pix is not None else None
+        h = model(torch.tensor(ids), torch.arange(len(ids)), ForwardBatch.packed([len(ids)], "cpu"), emb)
+        return model.compute_logits(h)
+
+
+# corresponding modules: ours -> transformers'
+def _module_pairs(model) -> list[tuple[str, str]]:
+    pairs = [("vision_tower.patch_embed", "model.vision_tower.patch_embed")]
+    pairs += [(f"vision_tower.layers.{i}", f"model.vision_tower.layers.{i}") for i in range(len(model.vision_tower.layers))]
+    pairs += [("vision_tower.final_layernorm", "model.vision_tower.final_layernorm"), ("mm_projector", "model.mm_projector")]
+    return pairs
+
+
+def first_differing_module(model, hf, ids, pix, grid) -> str | None:
+    """The first module (in forward order) whose output differs in any bit, or None."""
+    outs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for side, net in (("ours", model), ("hf", hf)):
+        mods = dict(net.named_modules())
+        for ours, theirs in _module_pairs(model):
+            name = ours if side == "ours" else theirs
+            hooks.append(mods[name].register_forward_hook(
+                lambda m, a, o, key=(side, ours): outs.__setitem__(key, o if torch.is_tensor(o) else o[0])))
+    try:
+        _ours_logits(model, ids, pix, grid)
+        with torch.no_grad():
+            hf(input_ids=torch.tensor(ids)[None], pixel_values=pix.to(torch.bfloat16), image_grid_thw=grid)
+    finally:
+        for h in hooks:
+            h.remove()
+    for ours, _ in _module_pairs(model):
+        a, b = outs[("ours", ours)], outs[("hf", ours)]
+        if a.shape != b.shape:
+            b = b.reshape(a.shape)
+        if not torch.equal(a, b):
+            return ours
+    return None
+
+
+SIZES = {
+    "identity": [(112, 112)],  # 8x8 patches on the 8x8 position grid: the bicubic resample is the identity
+    "ragged": [(126, 70)],  # 6x10 patches: a real 16-tap resample
+    "two_images": [(112, 112), (70, 154)],  # one prompt, two images (one tower call, two attention segments)
+}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", list(SIZES))
+def test_logits_bitwise_with_transformers(tiny, attn, case) -> None:
+    model, ckpt = tiny
+    hf = _hf(ckpt, attn)
+    policy = load_preset("hf_eager")
+    if attn == "sdpa":  # transformers' sdpa runs both the ViT and the text attention through SDPA
+        policy = with_ops(policy, vision={"attention_impl": "sdpa"}, attention={"impl": "sdpa"})
+    bind(model, policy)
+    images = [make_image(w, h, seed=10 + i) for i, (w, h) in enumerate(SIZES[case])]
+    ids, pix, grid = _prompt(images, seed=1)
+    if case == "identity":
+        assert grid.tolist() == [[1, 8, 8]]
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)[None], pixel_values=pix.to(torch.bfloat16), image_grid_thw=grid).logits[0]
+    ours = _ours_logits(model, ids, pix, grid)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    if not torch.equal(ours, ref):
+        where = first_differing_module(model, hf, ids, pix, grid)
+        pytest.fail(f"logits differ (max |d| {(ours.float() - ref.float()).abs().max().item()}); first differing module: "
+                    f"{where or 'none of the vision modules (the text model)'}")
+
+
+def test_image_tokens_really_matter(tiny) -> None:
+    """The image reaches the logits: another image in the same prompt changes the logits after it (and the bitwise
+    test above is not comparing two text-only forwards)."""
+    model, _ = tiny
+    bind(model, load_preset("hf_eager"))
+    ids, pix, grid = _prompt([make_image(126, 70, seed=3)], seed=1)
+    _, pix2, _ = _prompt([make_image(126, 70, seed=4)], seed=1)
+    a, b = _ours_logits(model, ids, pix, grid), _ours_logits(model, ids, pix2, grid)
+    first_image = ids.index(IMAGE)
+    assert torch.equal(a[:first_image], b[:first_image])  # causal: the text before the image is untouched
+    assert not torch.equal(a[first_image:], b[first_image:])
+
+
+def test_vision_knobs_are_real(tiny) -> None:
+    """Each vision knob changes the image embeddings' bits (two images, so varlen differs from per-image)."""
+    model, _ = tiny
+    images = [make_image(126, 70, seed=5), make_image(70, 154, seed=6)]
+    pix, grid = KimiImageProcessor()(images)
+    base = load_preset("hf_eager")
+
+    def embeds(policy):
+        bind(model, policy)
+        with torch.no_grad():
+            return model.embed_images(pix.to(torch.bfloat16), grid)
+
+    # (the setting compared against, the knob): eager's masked one-call varlen adds exact zeros for the other
+    # image's keys on CPU, so it equals per-image eager bit for bit; under sdpa the fused kernel's blocking differs
+    for against, knob in [({}, {"resample_weights": "fp32"}), ({"attention_impl": "sdpa"}, {"attention": "varlen"}),
+                          ({}, {"attention_impl": "sdpa"}), ({}, {"rope_dtype": "model"}), ({}, {"dtype": "fp32"})]:
+        ref = embeds(with_ops(base, vision=against))
+        other = embeds(with_ops(base, vision={**against, **knob}))
+        assert other.dtype == torch.bfloat16 and not torch.equal(other, ref), knob
+        assert (other.float() - ref.float()).abs().max().item() < 0.1 * ref.float().abs().max().item(), knob
+    assert torch.equal(embeds(with_ops(base, vision={"attention": "varlen"})), embeds(base))
+
+
+def test_loader_errors(tiny, tmp_path) -> None:
+    model, ckpt = tiny
+    with pytest.raises(ValueError, match="placeholder"):
+        _ours_logits(model, [1, IMAGE, 2], None, None)
+    pix, grid = KimiImageProcessor()([make_image(112, 112, seed=0)])
+    with pytest.raises(ValueError, match="covers 64 patches"):
+        model.embed_images(pix[:10], grid)
+    # a checkpoint missing a vision tensor is refused, naming it
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors.pop("vision_tower.encoder.blocks.1.wqkv.bias")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(CFG))
+    from parityrt.config import ModelConfig
+
+    with pytest.raises(CheckpointError, match="attn.[qkv]_proj.bias"):
+        build_model(ModelConfig(name="broken", path=str(tmp_path)))
+
+
+# ---- rl_parity: an image request's bits alone, batched, re-scored ---------------------------------------------
+
+
+class Steps:
+    """Engine-shaped steps by hand: sequences on their own K/V rows, every step padded with a throw-away sequence
+    to a multiple of STABLE_ROWS tokens and run with oneDNN off (the engine's shape-stable steps), the lm_head over
+    every row. Each request's image embeddings are computed once (its own tower call) and sliced per chunk."""
+
+    def __init__(self, model, seqs: int, max_len: int = 256):
+        self.model, self.max_len, self.n = model, max_len, seqs
+        self.stores = Stores(seqs * max_len + STABLE_ROWS, seqs + 1, "cpu")
+        self.cached, self.used = [0] * seqs, [0] * seqs
+
+    def step(self, chunks: dict[int, tuple[list[int], torch.Tensor | None]]) -> dict[int, torch.Tensor]:
+        seqs, ids, pos, mm = [], [], [], []
+        for b, (toks, emb) in chunks.items():
+            seqs.append((list(range(b * self.max_len, (b + 1) * self.max_len)), b, self.cached[b], len(toks)))
+            ids += toks
+            pos += range(self.cached[b], self.cached[b] + len(toks))
+            k = sum(t == IMAGE for t in toks)
+            if k:
+                mm.append(emb[self.used[b] : self.used[b] + k])
+            self.cached[b] += len(toks)
+            self.used[b] += k
+        if pad := -len(ids) % STABLE_ROWS:
+            seqs.append((list(range(self.n * self.max_len, self.n * self.max_len + STABLE_ROWS)), self.n, 0, pad))
+            ids, pos = ids + [0] * pad, pos + list(range(pad))
+        batch = ForwardBatch.from_rows(seqs, self.stores, "cpu")
+        with torch.no_grad(), onednn(False):
+            h = self.model(torch.tensor(ids), torch.tensor(pos), batch, torch.cat(mm) if mm else None)
+            logits = self.model.compute_logits(h)
+        out, start = {}, 0
+        for b, (toks, _) in chunks.items():
+            out[b] = logits[start : start + len(toks)]
+            start += len(toks)
+        return out
+
+
+def _logprob(model, logits_row: torch.Tensor, token: int) -> torch.Tensor:
+    return model.logprobs(logits_row[None])[0, token]
+
+
+def generate(model, requests: dict[int, tuple[list[int], torch.Tensor | None]], new: int, chunk: int | None = None):
+    """Greedy generation of `new` tokens for every request, prefills chunked by `chunk` tokens (None: whole), all
+    requests sharing every step. Returns {b: (generated ids, their logprobs)}."""
+    steps = Steps(model, max(requests) + 1)
+    pending = {b: list(ids) for b, (ids, _) in requests.items()}
+    gen: dict[int, list[int]] = {b: [] for b in requests}
+    lps: dict[int, list[torch.Tensor]] = {b: [] for b in requests}
+    while any(len(g) < new for g in gen.values()):
+        chunks = {}
+        for b, (_, emb) in requests.items():
+            if pending[b]:
+                n = len(pending[b]) if chunk is None else min(chunk, len(pending[b]))
+                chunks[b], pending[b] = (pending[b][:n], emb), pending[b][n:]
+            elif len(gen[b]) < new:
+                chunks[b] = ([gen[b][-1]], emb)
+        out = steps.step(chunks)
+        for b, rows in out.items():
+            if pending[b] or len(gen[b]) >= new:
+                continue
+            tok = int(rows[-1].argmax())
+            lps[b].append(_logprob(model, rows[-1], tok))
+            gen[b].append(tok)
+    return {b: (gen[b], torch.stack(lps[b])) for b in requests}
+
+
+def rescore(model, requests: dict[int, tuple[list[int], torch.Tensor | None]], continuations: dict[int, list[int]]):
+    """One prefill of prompt + continuation per request, all requests in one step: logprobs of the continuations."""
+    steps = Steps(model, max(requests) + 1)
+    out = steps.step({b: (ids + continuations[b], emb) for b, (ids, emb) in requests.items()})
+    res = {}
+    for b, (ids, _) in requests.items():
+        rows = out[b][len(ids) - 1 : len(ids) - 1 + len(continuations[b])]
+        res[b] = model.logprobs(rows).gather(1, torch.tensor(continuations[b])[:, None]).flatten()
+    return res
+
+
+def test_rl_parity_image_request_alone_batched_rescored(tiny) -> None:
+    model, _ = tiny
+    bind(model, load_preset("rl_parity"))
+    with torch.no_grad():
+        reqs = {}
+        for b, (images, seed) in enumerate([([make_image(126, 70, seed=20)], 1),
+                                            ([make_image(112, 112, seed=21), make_image(70, 154, seed=22)], 2),
+                                            ([], 3)]):
+            ids, pix, grid = _prompt(images, seed=seed, texts=5)
+            reqs[b] = (ids, model.embed_images(pix.to(torch.bfloat16), grid) if images else None)
+    alone = generate(model, {0: reqs[0]}, new=6)[0]
+    batched = generate(model, {0: reqs[0], 1: reqs[1], 2: reqs[2]}, new=6, chunk=24)  # chunked prefills, shared steps
+    reordered = generate(model, {0: reqs[2], 1: reqs[1], 2: reqs[0]}, new=6)[2]  # other rows, other stores
+    assert batched[0][0] == alone[0] == reordered[0]
+    assert torch.equal(batched[0][1], alone[1]) and torch.equal(reordered[1], alone[1])
+    # the image embeddings are the request's own: the same bits whatever else was embedded before
+    pix, grid = KimiImageProcessor()([make_image(126, 70, seed=20)])
+    with torch.no_grad():
+        again = model.embed_images(pix.to(torch.bfloat16), grid)
+    assert torch.equal(again, reqs[0][1])
+    # re-scored in one prefill, alone and next to the other requests: the generation's logprobs bit for bit
+    conts = {b: g for b, (g, _) in batched.items()}
+    assert torch.equal(rescore(model, {0: reqs[0]}, {0: conts[0]})[0], alone[1])
+    together = rescore(model, reqs, conts)
+    for b in reqs:
+        assert torch.equal(together[b], batched[b][1]), b
