@@ -199,7 +199,7 @@ def add_control_routes(app: FastAPI, state: ServerState, version: str) -> None:
         for key, value in gauges.items():
             lines += [f"# TYPE sglang:{key} gauge", f'sglang:{key}{{model_name="{name}"}} {float(value)}']
         for key, value in counters.items():
-            lines += [f"# TYPE sglang:{key} counter", f'sglang:{key}_total{{model_name="{name}"}} {float(value)}']
+            lines += [f"# TYPE sglang:{key}_total counter", f'sglang:{key}_total{{model_name="{name}"}} {float(value)}']
         lines += ["# TYPE sglang:uptime_seconds gauge", f"sglang:uptime_seconds {time.time() - state.started}"]
         return Response("\n".join(lines) + "\n", media_type=PROMETHEUS)
 
