@@ -1,9 +1,9 @@
 """Kimi K2.5 with its vision tower (transformers' Kimi_K25ForConditionalGeneration layout): MoonViT + mm_projector
 in front of the DeepSeek-V3 text model. Composition only; the ops are parityrt/layers/vision_kimi.py.
 
-Images enter as embeddings: `embed_images(pixels, grid_thw)` runs the tower and projector over one request's
+Images enter as embeddings: `encode_images(pixels, grid_thw)` runs the tower and projector over one request's
 images (the engine and the trainer call it once per request, so an image's bits never depend on the other requests
-of a step), and `forward(ids, pos, batch, mm_embeds)` splices those rows into the placeholder positions of `ids`
+of a step), and `forward(ids, pos, batch, image_embeds)` splices those rows into the placeholder positions of `ids`
 (placeholder ids are replaced by 0 before the embedding lookup, as transformers does). Text positions stay 1-D.
 """
 
@@ -87,11 +87,13 @@ class KimiK25VLForConditionalGeneration(KimiK25ForCausalLM):
         v = self.vision_args
         return () if v is None else (v.image_token_id, v.video_token_id)
 
-    def embed_images(self, pixels_NCPP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixels_NCPP: torch.Tensor, grid_thw: torch.Tensor | list[tuple[int, int, int]]) -> torch.Tensor:
         """One request's images (patches of all its images in order, grid_thw [images, 3]) -> [placeholder tokens,
-        text hidden] in the model dtype, the rows `forward` splices in order."""
+        text hidden] in the model dtype, the rows `forward` splices in order. The pixels are cast to the tower's
+        dtype here (transformers leaves that to its caller)."""
         if self.vision_args is None:
             raise ValueError("this checkpoint has no vision tower (config.json has no vision_config)")
+        grid_thw = torch.as_tensor(grid_thw, dtype=torch.long, device=pixels_NCPP.device)
         kh, kw = self.vision_args.merge_kernel_size
         if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or bool((grid_thw[:, 1] % kh).any() | (grid_thw[:, 2] % kw).any()):
             raise ValueError(f"grid_thw must be [images, 3] with h % {kh} == 0 and w % {kw} == 0, got {grid_thw.tolist()}")
@@ -102,18 +104,19 @@ class KimiK25VLForConditionalGeneration(KimiK25ForCausalLM):
         return self.mm_projector(merged).to(self.embed_tokens.weight.dtype)
 
     def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch,
-                mm_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """As the text model's forward, with `mm_embeds` [placeholders in ids_T, H] replacing the placeholder rows."""
+                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """As the text model's forward, with `image_embeds` [placeholders in ids_T, H] replacing the placeholder
+        rows in order (transformers' masked_scatter, after the token-count check)."""
         mask_T = torch.zeros_like(ids_T, dtype=torch.bool)
         for pid in self.placeholder_ids:
             mask_T |= ids_T == pid
         n = int(mask_T.sum())
-        if n != (0 if mm_embeds is None else mm_embeds.shape[0]):
-            raise ValueError(f"the batch has {n} image placeholder tokens but {0 if mm_embeds is None else mm_embeds.shape[0]} "
+        if n != (0 if image_embeds is None else image_embeds.shape[0]):
+            raise ValueError(f"the batch has {n} image placeholder tokens but {0 if image_embeds is None else image_embeds.shape[0]} "
                              f"image embeddings")
         x = self.embed_tokens(ids_T.masked_fill(mask_T, 0))
         if n:
-            x = x.masked_scatter(mask_T[:, None], mm_embeds.to(x.dtype))
+            x = x.masked_scatter(mask_T[:, None], image_embeds.to(x.dtype))
         cos_sin = self.rope(pos_T)
         residual = None
         for layer in self.layers:

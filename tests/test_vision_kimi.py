@@ -168,7 +168,7 @@ def _prompt(images: list[Image.Image], seed: int, texts: int = 3) -> tuple[list[
 
 def _ours_logits(model, ids: list[int], pix, grid) -> torch.Tensor:
     with torch.no_grad():
-        emb = model.embed_images(pix.to(torch.bfloat16), grid) if pix is not None else None
+        emb = model.encode_images(pix, grid) if pix is not None else None
         h = model(torch.tensor(ids), torch.arange(len(ids)), ForwardBatch.packed([len(ids)], "cpu"), emb)
         return model.compute_logits(h)
 
@@ -260,7 +260,7 @@ def test_vision_knobs_are_real(tiny) -> None:
     def embeds(policy):
         bind(model, policy)
         with torch.no_grad():
-            return model.embed_images(pix.to(torch.bfloat16), grid)
+            return model.encode_images(pix, grid)
 
     # (the setting compared against, the knob): eager's masked one-call varlen adds exact zeros for the other
     # image's keys on CPU, so it equals per-image eager bit for bit; under sdpa the fused kernel's blocking differs
@@ -279,7 +279,7 @@ def test_loader_errors(tiny, tmp_path) -> None:
         _ours_logits(model, [1, IMAGE, 2], None, None)
     pix, grid = KimiImageProcessor()([make_image(112, 112, seed=0)])
     with pytest.raises(ValueError, match="covers 64 patches"):
-        model.embed_images(pix[:10], grid)
+        model.encode_images(pix[:10], grid)
     # a checkpoint missing a vision tensor is refused, naming it
     import json
 
@@ -382,7 +382,7 @@ def test_rl_parity_image_request_alone_batched_rescored(tiny) -> None:
                                             ([make_image(112, 112, seed=21), make_image(70, 154, seed=22)], 2),
                                             ([], 3)]):
             ids, pix, grid = _prompt(images, seed=seed, texts=5)
-            reqs[b] = (ids, model.embed_images(pix.to(torch.bfloat16), grid) if images else None)
+            reqs[b] = (ids, model.encode_images(pix, grid) if images else None)
     alone = generate(model, {0: reqs[0]}, new=6)[0]
     batched = generate(model, {0: reqs[0], 1: reqs[1], 2: reqs[2]}, new=6, chunk=24)  # chunked prefills, shared steps
     reordered = generate(model, {0: reqs[2], 1: reqs[1], 2: reqs[0]}, new=6)[2]  # other rows, other stores
@@ -391,7 +391,7 @@ def test_rl_parity_image_request_alone_batched_rescored(tiny) -> None:
     # the image embeddings are the request's own: the same bits whatever else was embedded before
     pix, grid = KimiImageProcessor()([make_image(126, 70, seed=20)])
     with torch.no_grad():
-        again = model.embed_images(pix.to(torch.bfloat16), grid)
+        again = model.encode_images(pix, grid)
     assert torch.equal(again, reqs[0][1])
     # re-scored in one prefill, alone and next to the other requests: the generation's logprobs bit for bit
     conts = {b: g for b, (g, _) in batched.items()}
@@ -399,3 +399,17 @@ def test_rl_parity_image_request_alone_batched_rescored(tiny) -> None:
     together = rescore(model, reqs, conts)
     for b in reqs:
         assert torch.equal(together[b], batched[b][1]), b
+
+
+def test_first_differing_module_is_named(tiny) -> None:
+    """The diagnostic the bitwise test reports on failure points at the right module: with the ViT's rope tables
+    rounded to bf16 (one knob), the patch embedding still agrees and the first block is the first to differ."""
+    model, ckpt = tiny
+    hf = _hf(ckpt, "eager")
+    ids, pix, grid = _prompt([make_image(126, 70, seed=7)], seed=2)
+    bind(model, load_preset("hf_eager"))
+    assert first_differing_module(model, hf, ids, pix, grid) is None
+    bind(model, with_ops(load_preset("hf_eager"), vision={"rope_dtype": "model"}))
+    assert first_differing_module(model, hf, ids, pix, grid) == "vision_tower.layers.0"
+    bind(model, with_ops(load_preset("hf_eager"), vision={"resample_weights": "fp32"}))
+    assert first_differing_module(model, hf, ids, pix, grid) == "vision_tower.patch_embed"
