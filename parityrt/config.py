@@ -25,8 +25,12 @@ class ModelConfig:
     # For generated models: the config.json to write and the seed that fills the weights.
     hf_config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    # Tokenizer directory; None: the checkpoint directory if it holds tokenizer.json, else the shipped one.
+    # Tokenizer directory; None: the checkpoint directory if it holds tokenizer.json, else the shipped one (when
+    # the model's vocabulary holds it; otherwise the server runs without a tokenizer, as with skip_tokenizer_init).
     tokenizer_path: str | None = None
+    # SGLang's --skip-tokenizer-init: no tokenizer at all; requests send input_ids and responses carry output_ids
+    # only (text, stop strings, chat and /tokenize get a clear 400).
+    skip_tokenizer_init: bool = False
     dtype: str = "bfloat16"
     device: str = "cpu"
     # Where generated checkpoints are written (one directory per name, seed and config hash).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from parityrt.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer
 from parityrt.tp_runner import TPDriver, load_tp_model
 from parityrt.weights import build_model, ensure_generated_checkpoint, read_hf_config
 
+log = logging.getLogger("parityrt")
+
 if TYPE_CHECKING:
     from parityrt.server.app import ServerState
 
@@ -30,14 +33,14 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Runtime:
     model: nn.Module
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: tokenizer-free serving (load_tokenizer)
     checkpoint: Path
     numerics_table: dict[str, dict[str, Any]]
     fingerprint: dict[str, Any]  # the numerics contract (parityrt/fingerprint.py), computed once at load
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return list(self.model.args.eos_token_id) or self.tokenizer.eos_token_ids
+        return list(self.model.args.eos_token_id) or (self.tokenizer.eos_token_ids if self.tokenizer else [])
 
 
 def load_runtime(run: RunConfig) -> Runtime:
@@ -57,11 +60,26 @@ def load_runtime(run: RunConfig) -> Runtime:
             model, _ = build_model(model_cfg)
         table = bind(model, run.numerics)
     check_kernels(table, run.model.device)
-    tok_dir = run.model.tokenizer_path or (ckpt if (ckpt / "tokenizer.json").is_file() else DEFAULT_TOKENIZER_DIR)
+    return Runtime(model, load_tokenizer(run, ckpt, model.args.vocab_size), ckpt, table, run_fingerprint(run, model, table))
+
+
+def load_tokenizer(run: RunConfig, ckpt: Path, vocab_size: int) -> Tokenizer | None:
+    """The served tokenizer, or None (tokenizer-free serving: input_ids in, output_ids out): with
+    model.skip_tokenizer_init, or when the checkpoint has no tokenizer.json and the shipped one does not fit the
+    model's vocabulary. An explicit model.tokenizer_path that does not fit is an error."""
+    if run.model.skip_tokenizer_init:
+        return None
+    own = ckpt / "tokenizer.json"
+    tok_dir = Path(run.model.tokenizer_path or (ckpt if own.is_file() else DEFAULT_TOKENIZER_DIR))
     tokenizer = Tokenizer.from_dir(tok_dir)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ValueError(f"tokenizer {tok_dir} has {tokenizer.vocab_size} tokens, the model only {model.args.vocab_size}")
-    return Runtime(model, tokenizer, ckpt, table, run_fingerprint(run, model, table))
+    if tokenizer.vocab_size <= vocab_size:
+        return tokenizer
+    if run.model.tokenizer_path is None and not own.is_file():
+        log.warning("%s has no tokenizer.json and the shipped tokenizer (%d tokens) does not fit the model's %d: "
+                    "serving without a tokenizer (input_ids only; model.tokenizer_path names one)", ckpt,
+                    tokenizer.vocab_size, vocab_size)
+        return None
+    raise ValueError(f"tokenizer {tok_dir} has {tokenizer.vocab_size} tokens, the model only {vocab_size}")
 
 
 def run_fingerprint(run: RunConfig, model: Any, table: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -102,9 +120,10 @@ def build_state(run: RunConfig, rt: Runtime) -> ServerState:
             raise ValueError("/update_weights_from_disk is not supported with real tensor parallelism yet")
         with tp_context(TPInfo(rank=0, size=p.tp_size, virtual=p.virtual)):
             model, _ = build_model(dataclasses.replace(run.model, path=path))
-        if model.args.vocab_size < rt.tokenizer.vocab_size or type(model) is not type(engine.runner.module):
+        tok_vocab = rt.tokenizer.vocab_size if rt.tokenizer is not None else rt.model.args.vocab_size
+        if model.args.vocab_size < tok_vocab or type(model) is not type(engine.runner.module):
             raise ValueError(f"{path}: a {type(model).__name__} with vocab {model.args.vocab_size} cannot replace the "
-                             f"served {type(engine.runner.module).__name__} (tokenizer vocab {rt.tokenizer.vocab_size})")
+                             f"served {type(engine.runner.module).__name__} (tokenizer vocab {tok_vocab})")
         table = bind(model, run.numerics)
         try:  # a new config would make the served fingerprint a lie: weight updates keep the contract
             check_fingerprint(rt.fingerprint, run_fingerprint(run, model, table), what="the new checkpoint")
@@ -113,7 +132,8 @@ def build_state(run: RunConfig, rt: Runtime) -> ServerState:
         return model
 
     hf = read_hf_config(rt.checkpoint)
-    args = {"model_path": str(rt.checkpoint), "tokenizer_path": rt.tokenizer.name_or_path, "host": run.server.host,
+    args = {"model_path": str(rt.checkpoint), "tokenizer_path": rt.tokenizer.name_or_path if rt.tokenizer else None,
+            "skip_tokenizer_init": rt.tokenizer is None, "host": run.server.host,
             "port": run.server.port, "tp_size": p.tp_size, "dp_size": 1, "ep_size": 1, "pp_size": 1,
             "context_length": run.engine.max_seq_len, "page_size": run.engine.page_size,
             "max_running_requests": run.engine.max_running_requests,
@@ -134,4 +154,4 @@ def write_run_files(run_dir: Path, run: RunConfig, rt: Runtime) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
     write_resolved(run_dir, run.numerics, rt.numerics_table)
     write_fingerprint(run_dir, rt.fingerprint)
-    (run_dir / "checkpoint.json").write_text(json.dumps({"path": str(rt.checkpoint), "tokenizer": rt.tokenizer.name_or_path}))
+    (run_dir / "checkpoint.json").write_text(json.dumps({"path": str(rt.checkpoint), "tokenizer": rt.tokenizer.name_or_path if rt.tokenizer else None}))

@@ -366,3 +366,43 @@ def test_tokenize_and_detokenize(srv):
     assert srv.post("/tokenize", {"prompt": 5}).status_code == 400
     bad = srv.post("/detokenize", {"tokens": [10**9]})
     assert bad.status_code == 400 and "vocabulary" in bad.json()["message"]
+
+
+# ---- tokenizer-free serving -----------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_without_a_tokenizer_serves_input_ids(cache_dir, tmp_path):
+    # a vocabulary of 1536 < the shipped tokenizer's 2048 used to fail at start ("tokenizer ... has 2048 tokens,
+    # the model only 1536"); without tokenizer.json it now serves token ids
+    small = ["model.hf_config.vocab_size=1536", "model.hf_config.eos_token_id=[1530]", "model.hf_config.pad_token_id=1531"]
+    ckpt = ensure_generated_checkpoint(compose_run([f"model.cache_dir={cache_dir}", *small]).model)
+    assert not (ckpt / "tokenizer.json").exists()
+    score = {"input_ids": [[5, 6, 7, 8], [1500, 3]], "return_logprob": True, "logprob_start_len": 0,
+             "sampling_params": {"max_new_tokens": 0}}
+    with live_server([f"model.path={ckpt}", *BASE]) as s:
+        out = s.post("/generate", score).json()
+        assert [len(o["meta_info"]["input_token_logprobs"]) for o in out] == [4, 2]
+        assert all("text" not in o for o in out)
+        assert all(lp[0] < 0 for o in out for lp in o["meta_info"]["input_token_logprobs"][1:])
+        gen = s.post("/generate", {"input_ids": [5, 6], "sampling_params": {**GREEDY, "stop_token_ids": [0]}}).json()
+        assert "text" not in gen and len(gen["output_ids"]) <= 6
+        for body, why in [({"text": "hi"}, "not text"), ({"input_ids": [1], "sampling_params": {"stop": ["x"]}}, "stop"),
+                          ({"input_ids": [1], "return_text_in_logprobs": True}, "return_text_in_logprobs"),
+                          ({"input_ids": [1535 + 1]}, "out-of-vocabulary")]:
+            r = s.post("/generate", body)
+            assert r.status_code == 400 and why in r.json()["error"]["message"], (body, r.text)
+        chat = s.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "without a tokenizer" in chat.json()["message"]
+        assert s.post("/tokenize", {"prompt": "hi"}).status_code == 400
+        assert s.post("/detokenize", {"tokens": [1]}).status_code == 400
+        assert s.get("/model_info").json()["tokenizer_path"] is None
+        assert s.get("/server_info").json()["skip_tokenizer_init"] is True
+        assert s.get("/health").status_code == 200
+
+
+def test_skip_tokenizer_init_serves_the_same_bits(srv, cache_dir):
+    with live_server([f"model.cache_dir={cache_dir}", "model.skip_tokenizer_init=true", *BASE]) as s:
+        got = s.post("/generate", SCORE).json()
+        assert "text" not in got
+        assert _bits(s) == _bits(srv)
+        assert s.post("/generate", {"text": "hi"}).status_code == 400

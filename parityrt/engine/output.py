@@ -52,7 +52,7 @@ class RequestOutput:
     output's own copy: the engine thread builds it, another thread serializes it."""
 
     rid: str
-    text: str
+    text: str | None  # None: tokenizer-free serving (SGLang's skip_tokenizer_init: no text in the response)
     output_ids: list[int]
     # SGLang's FINISH_* record (Sequence.finish): {"type": "stop", "matched": ...}, {"type": "length", "length": n}
     # or {"type": "abort", "message", "status_code", "err_type"}; None while running
@@ -140,7 +140,7 @@ def weight_version_spans(events: list[tuple[str, int]], current: str, num_tokens
     return [s for s in spans if s.start < num_tokens or s.start == 0]
 
 
-def build_output(seq: Sequence, tokenizer: Tokenizer, weight_version: str,
+def build_output(seq: Sequence, tokenizer: Tokenizer | None, weight_version: str,
                  spans: list[VersionSpan] | None = None) -> RequestOutput:
     """The request's output now. Engine thread only: it advances the sequence's detokenizer."""
     req, finished = seq.req, seq.status is Status.finished
@@ -149,7 +149,7 @@ def build_output(seq: Sequence, tokenizer: Tokenizer, weight_version: str,
         # SGLang's layout: [tokens fed (prompt + output - 1), MoE layers, top-k]
         routed = np.asarray([seq.routed[p] for p in range(len(seq.all_ids) - 1) if p in seq.routed], dtype=np.int32)
     return RequestOutput(
-        rid=req.rid, text=output_text(seq, tokenizer), output_ids=list(seq.output_ids),
+        rid=req.rid, text=output_text(seq, tokenizer) if tokenizer is not None else None, output_ids=list(seq.output_ids),
         finish_reason=seq.finish if finished else None, prompt_tokens=seq.prompt_len,
         num_retractions=seq.num_retractions, weight_version=weight_version,
         logprobs=_logprobs(seq, tokenizer) if req.return_logprob else None, routed_experts=routed,

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parityrt.engine.api import Engine, GenerateRequest, RequestOutput, SamplingParams
-from parityrt.server.control import add_control_routes
+from parityrt.server.control import NO_TOKENIZER, add_control_routes, refuse_without_tokenizer
 from parityrt.server.protocol import openai as O
 from parityrt.server.protocol import schemas as S
 from parityrt.server.protocol.generate import SURROGATE, ContractError, Limits, has_lone_surrogate, parse_generate
@@ -143,6 +143,8 @@ def create_app(state: ServerState) -> FastAPI:
         never on the event loop, which serves every other client meanwhile. model_info and the tokenizer only
         read: safe off the engine thread."""
         info = state.engine.model_info()
+        if state.engine.tokenizer is None:
+            refuse_without_tokenizer(body)
         return parse_generate(body, state.engine.tokenizer, info.vocab_size, info.max_seq_len, state.limits)
 
     async def collect(request: Request, out: asyncio.Queue, requests: list[GenerateRequest]) -> list[RequestOutput] | None:
@@ -262,6 +264,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(require_json)])
     async def chat(req: O.ChatCompletionRequest, request: Request):
         try:
+            if state.engine.tokenizer is None:
+                raise ValueError(NO_TOKENIZER + ": chat messages need its chat template")
             requests, out = await openai_submit(request, lambda: O.chat_to_generate(req, state.engine.tokenizer))
         except ValueError as e:
             return openai_error(str(e))
@@ -358,7 +362,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/model_info")
     async def model_info():
         return {"model_path": state.model_path, "served_model_name": state.served_model_name,
-                "tokenizer_path": state.engine.tokenizer.name_or_path, "is_generation": True,
+                "tokenizer_path": state.engine.tokenizer.name_or_path if state.engine.tokenizer else None,
+                "is_generation": True,
                 "preferred_sampling_params": None, "weight_version": state.engine.weight_version, "load_format": "auto",
                 "reasoning_parser": None, "tool_call_parser": None, "disaggregation_mode": "null",
                 "has_image_understanding": False, "has_audio_understanding": False, "model_type": state.model_type,

@@ -32,6 +32,28 @@ WEIGHT_SYNC_TIMEOUT_S = 300.0  # a rendezvous or broadcast that waits longer fai
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
+NO_TOKENIZER = ("this server runs without a tokenizer (model.skip_tokenizer_init=true, or a checkpoint without "
+                "tokenizer.json whose vocabulary the shipped one does not fit)")
+
+
+def refuse_without_tokenizer(body: Any) -> None:
+    """SGLang's skip_tokenizer_init contract: input_ids only, and nothing that needs text (stop strings and regexes,
+    min_new_tokens, logprob texts). Raises ValueError (the /generate 400) naming what needs the tokenizer."""
+    if not isinstance(body, dict):
+        return  # the contract check that follows reports the shape
+    if body.get("text") is not None:
+        raise ValueError(f"{NO_TOKENIZER}: send input_ids, not text")
+    if body.get("return_text_in_logprobs"):
+        raise ValueError(f"{NO_TOKENIZER}: return_text_in_logprobs needs one")
+    sps = body.get("sampling_params") or {}
+    for sp in sps if isinstance(sps, list) else [sps]:
+        if not isinstance(sp, dict):
+            continue
+        for key in ("stop", "stop_regex", "min_new_tokens"):
+            if sp.get(key) not in (None, [], "", 0):
+                raise ValueError(f"{NO_TOKENIZER}: sampling_params.{key} needs one (stop_token_ids work without)")
+
+
 def _error(message: str) -> JSONResponse:
     """SGLang's _create_error_response."""
     return JSONResponse({"error": {"message": message}}, status_code=400)
@@ -208,9 +230,7 @@ def add_control_routes(app: FastAPI, state: ServerState, version: str) -> None:
     def no_tokenizer() -> JSONResponse | None:
         if state.engine.tokenizer is not None:
             return None
-        return JSONResponse(S.error_object("this server runs without a tokenizer (model.skip_tokenizer_init): "
-                                           "there is no vocabulary to tokenize with", "BadRequestError", 400),
-                            status_code=400)
+        return JSONResponse(S.error_object(NO_TOKENIZER, "BadRequestError", 400), status_code=400)
 
     @app.post("/tokenize")
     @app.post("/v1/tokenize")

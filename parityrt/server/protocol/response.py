@@ -26,6 +26,8 @@ def generate_response(out: RequestOutput) -> dict[str, Any]:
     if out.weight_versions is not None:
         meta["weight_versions"] = weight_versions(out.weight_versions)
     body = {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
+    if out.text is None:  # tokenizer-free serving: SGLang's skip_tokenizer_init responses have no text
+        del body["text"]
     if out.prompt_token_ids is not None:
         body["prompt_token_ids"] = out.prompt_token_ids
     return body
