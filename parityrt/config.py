@@ -32,9 +32,15 @@ class ModelConfig:
     # only (text, stop strings, chat and /tokenize get a clear 400).
     skip_tokenizer_init: bool = False
     dtype: str = "bfloat16"
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N, or auto: cuda when torch sees a GPU, else cpu (resolved at construction)
     # Where generated checkpoints are written (one directory per name, seed and config hash).
     cache_dir: str = "~/.cache/parityrt"
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":  # once, when the config is built: every reader then sees the same device
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -119,6 +125,22 @@ def register_schemas() -> None:
 
 
 register_schemas()
+
+
+def _overrides_slug(override_dirname: str) -> str:
+    """conf/config.yaml's run directory names the command-line overrides (Hydra's override_dirname, path-valued
+    keys excluded there): '_' + the overrides with '/' made '-', cut to 80 characters plus a hash of the rest."""
+    import hashlib
+
+    if not override_dirname:
+        return ""
+    slug = override_dirname.replace("/", "-")
+    if len(slug) > 80:
+        slug = slug[:80] + "~" + hashlib.sha1(slug.encode()).hexdigest()[:8]
+    return "_" + slug
+
+
+OmegaConf.register_new_resolver("parityrt_overrides", _overrides_slug, replace=True)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -49,7 +49,8 @@ async def bench(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(run(p) for p in prompts))
         wall = time.perf_counter() - t0
-        info = (await client.get(args.url + "/server_info")).json()
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        info = (await client.get(args.url + "/server_info", headers=headers)).json()
     ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     return {

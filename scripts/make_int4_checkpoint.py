@@ -21,8 +21,10 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.out)
     model = OmegaConf.to_object(cfg.model)
     assert isinstance(model, ModelConfig)
-    write_int4_pair(model.hf_config, model.seed, out / "int4", out / "bf16_reference")
-    print(f"wrote {out / 'int4'} and {out / 'bf16_reference'}")
+    int4, ref = (out / "int4").resolve(), (out / "bf16_reference").resolve()
+    write_int4_pair(model.hf_config, model.seed, int4, ref)
+    print(f"INT4 checkpoint: {int4}\nbf16 reference: {ref}\n"
+          f"serve it:  python -m parityrt.serve model={model.name} model.path={int4}")
 
 
 if __name__ == "__main__":

@@ -406,3 +406,50 @@ def test_skip_tokenizer_init_serves_the_same_bits(srv, cache_dir):
         assert "text" not in got
         assert _bits(s) == _bits(srv)
         assert s.post("/generate", {"text": "hi"}).status_code == 400
+
+
+# ---- the launcher's start-up line ------------------------------------------------------------------------------------
+
+
+def test_the_launcher_prints_one_start_up_line(tmp_path, cache_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from parityrt.distributed import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "parityrt.serve", f"model.cache_dir={cache_dir}", "numerics=rl_parity",
+           f"server.port={port}", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        assert line.startswith("parityrt serving ") and f"at {url} " in line, line
+        assert "model=qwen3_5_moe_tiny" in line and "numerics=rl_parity" in line
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        fp = httpx.get(url + "/server_info", timeout=30).json()["numerics_fingerprint"]
+        assert f"fingerprint {fp['hash']}" in line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_real_checkpoint_configs_pick_the_device_and_run_dirs_name_the_overrides():
+    from parityrt.config import _overrides_slug
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("qwen3_5_moe", "kimi_k25"):
+        assert compose_run([f"model={name}", "model.path=/ckpt"]).model.device == want  # device: auto
+    assert compose_run(["model.device=auto"]).model.device == want
+    assert _overrides_slug("") == ""
+    assert _overrides_slug("engine.max_seq_len=256,server.served_model_name=a/b") == \
+        "_engine.max_seq_len=256,server.served_model_name=a-b"
+    long = _overrides_slug("x=" + "y" * 200)
+    assert len(long) == 1 + 80 + 1 + 8 and "/" not in long
