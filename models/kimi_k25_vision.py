@@ -37,6 +37,8 @@ class KimiVisionArgs:
     projection_layer_norm_eps: float
     image_token_id: int
     video_token_id: int
+    vision_start_token_id: int  # <|media_begin|> (prompt structure only; the model never reads it)
+    vision_end_token_id: int
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> KimiVisionArgs:
@@ -55,7 +57,9 @@ class KimiVisionArgs:
         a = cls(**fields, rope_theta=float(rope.get("rope_theta", 10000.0)),
                 projection_hidden_size=cfg.get("projection_hidden_size", 1152),
                 projection_layer_norm_eps=cfg.get("projection_layer_norm_eps", 1e-5),
-                image_token_id=cfg.get("image_token_id", 163605), video_token_id=cfg.get("video_token_id", 163840))
+                image_token_id=cfg.get("image_token_id", 163605), video_token_id=cfg.get("video_token_id", 163840),
+                vision_start_token_id=cfg.get("vision_start_token_id", 163602),
+                vision_end_token_id=cfg.get("vision_end_token_id", 163604))  # Kimi_K25Config's defaults
         if a.projection_hidden_size != a.hidden_size:
             raise ValueError(f"config.json: projection_hidden_size {a.projection_hidden_size} must equal the vision "
                              f"hidden_size {a.hidden_size} (the projector's pre_norm runs per patch)")

@@ -24,6 +24,8 @@ from parityrt.parity.scoring import PolicyDrift, TokenSequence, compare_policies
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 OUTSIDE_LAYERS = "outside layers"  # final norm, lm_head, logprobs: modules not under layers.N
+VISION = "vision tower"  # a VL model's tower and projector: one piece of its own (its blocks are not text layers)
+VISION_PREFIXES = ("vision_tower.", "mm_projector.", "visual.")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -46,8 +48,11 @@ def layer_pieces(modules: dict[str, str], layers_per_range: int) -> list[Piece]:
         raise ValueError(f"layers_per_range must be at least 1, got {layers_per_range}")
     by_layer: dict[int, dict[str, str]] = {}
     outside: dict[str, str] = {}
+    vision: dict[str, str] = {}
     for name, op in modules.items():
-        if m := LAYER_RE.search(name):
+        if name.startswith(VISION_PREFIXES):
+            vision[name] = op
+        elif m := LAYER_RE.search(name):
             by_layer.setdefault(int(m.group(1)), {})[name] = op
         else:
             outside[name] = op
@@ -58,6 +63,8 @@ def layer_pieces(modules: dict[str, str], layers_per_range: int) -> list[Piece]:
         name = f"layer {group[0]}" if len(group) == 1 else f"layers {group[0]}-{group[-1]}"
         modules_in_range = {n: o for layer in group for n, o in by_layer[layer].items()}
         pieces.append(Piece(name=name, kind="layers", modules=modules_in_range))
+    if vision:
+        pieces.append(Piece(name=VISION, kind="layers", modules=vision))
     if outside:
         pieces.append(Piece(name=OUTSIDE_LAYERS, kind="layers", modules=outside))
     return pieces
@@ -166,7 +173,60 @@ def markdown(att: Attribution) -> str:
     for kind, title in (("op", "Op kinds"), ("layers", "Layer ranges")):
         rows = [_row_values(r, full.vocab.kl_mean) for r in att.rows if r.kind == kind]
         text += f"## {title}\n\n" + render.markdown_table(md_headers, rows) + "\n"
+    if len(full.by_type) > 1:  # prompts with images: every drift split by token type
+        text += ("## By token type\n\nk3 mean and KL(A‖B) mean over the positions of each token type (text before "
+                 "the first image, image tokens, text after; a row is typed by the token whose hidden state predicts).\n\n")
+        text += render.markdown_table(TYPE_HEADERS, type_rows(att)) + "\n"
     return text
+
+
+TYPE_HEADERS = ["variant", "positions"] + [f"{m} {t}" for t in ("text before", "image", "text after") for m in ("k3", "KL")]
+
+
+def _type_series(att: Attribution) -> list[tuple[str, PolicyDrift]]:
+    """B, then every measured piece in both directions (ops first, as the tables)."""
+    series = [("B (all switched)", att.full)]
+    for r in att.rows:
+        if r.forward is not None:
+            series.append((f"fwd {r.name}", r.forward))
+        if r.reverse is not None:
+            series.append((f"rev {r.name}", r.reverse))
+    return series
+
+
+def type_rows(att: Attribution) -> list[list[Any]]:
+    from parityrt.parity.metrics import TOKEN_TYPES
+
+    out = []
+    for label, d in _type_series(att):
+        counts = "/".join(str(d.by_type[t].token.n_tokens) if t in d.by_type else "0" for t in TOKEN_TYPES)
+        vals = []
+        for t in TOKEN_TYPES:
+            td = d.by_type.get(t)
+            vals += [None, None] if td is None else [td.token.k3_mean, td.vocab.kl_mean]
+        out.append([label, counts, *vals])
+    return out
+
+
+def plot_token_types(att: Attribution, path: Path) -> None:
+    """k3 mean per token type for B and for B with each op kind taken back from A (the swap that removes it)."""
+    from parityrt.parity.metrics import TOKEN_TYPES
+
+    series = [("B vs A", att.full)] + [(f"B with {r.name} from A", r.reverse) for r in att.rows
+                                       if r.kind == "op" and r.reverse is not None]
+    values = [[d.by_type[t].token.k3_mean if t in d.by_type else None for t in TOKEN_TYPES] for _, d in series]
+    floor = render.floor_for_log([v for vs in values for v in vs])
+    fig, ax = render.plt.subplots(figsize=(1.6 + 1.4 * len(series), 3.8))
+    width = 0.8 / len(TOKEN_TYPES)
+    for j, t in enumerate(TOKEN_TYPES):
+        xs = [i + (j - 1) * width for i in range(len(series))]
+        ax.bar(xs, [max(v[j] or 0.0, floor) for v in values], width=width, label=t.replace("_", " "))
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(series)), [s for s, _ in series], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"k3 mean (exact 0 drawn at {floor:.0e})")
+    ax.set_title(f"{att.reference} -> {att.candidate}: k3 by token type", fontsize=9)
+    ax.legend(fontsize=8)
+    render.save(fig, path)
 
 
 def plot_layers(att: Attribution, path: Path) -> None:
@@ -212,5 +272,10 @@ def write(att: Attribution, out_dir: Path) -> list[Path]:
     paths[1].write_text(markdown(att))
     render.write_csv(paths[2], HEADERS, table_rows(att))
     plot_layers(att, paths[3])
+    if len(att.full.by_type) > 1:
+        paths.append(out_dir / "attribution_token_types.csv")
+        render.write_csv(paths[-1], TYPE_HEADERS, type_rows(att))
+        paths.append(out_dir / "attribution_token_types.png")
+        plot_token_types(att, paths[-1])
     return paths
 

@@ -158,6 +158,59 @@ def vocab_drift(kl_N: torch.Tensor, top5_N: torch.Tensor, flips_N: torch.Tensor)
     )
 
 
+# ---- token types (text before the first image, image tokens, text after) ----------------------------------------
+
+# Fireworks' split: train/inference drift on text vs image tokens (k3 0.005 vs 0.296 on Qwen3.5-397B). A scored
+# position is typed by the token whose hidden state makes the prediction (row r predicts token r + 1 and is typed by
+# token r): image placeholder rows carry the vision tower's embeddings through every layer.
+TOKEN_TYPES = ("text_before", "image", "text_after")
+TEXT_BEFORE, IMAGE, TEXT_AFTER = range(3)
+
+
+def token_types(ids: Sequence[int], image_token_ids: Sequence[int]) -> torch.Tensor:
+    """int8 [len(ids)]: TEXT_BEFORE up to the first image token (all of a text-only sequence), IMAGE for the image
+    placeholder tokens, TEXT_AFTER for text after the first image (between images too)."""
+    ids_T = torch.as_tensor(list(ids), dtype=torch.long)
+    image_T = torch.isin(ids_T, torch.as_tensor(list(image_token_ids), dtype=torch.long))
+    seen_T = image_T.cumsum(0) > 0
+    types_T = torch.full_like(ids_T, TEXT_BEFORE, dtype=torch.int8)
+    types_T[seen_T] = TEXT_AFTER
+    types_T[image_T] = IMAGE
+    return types_T
+
+
+@dataclass(slots=True, kw_only=True)
+class TypeDrift:
+    """Every per-position metric restricted to the positions of one token type."""
+
+    token: TokenDrift
+    vocab: VocabDrift
+    routing_flip_rate: float | None  # over (position, router) decisions of this type; None without routers
+    tokens_with_routing_flip: float | None
+
+
+def drift_by_type(types_N: torch.Tensor, logp_a_N: torch.Tensor, logp_b_N: torch.Tensor, kl_N: torch.Tensor,
+                  top5_N: torch.Tensor, flips_N: torch.Tensor,
+                  routing_flips_LN: torch.Tensor | None) -> dict[str, TypeDrift]:
+    """{type name: TypeDrift} for each type with at least one scored position (types in TOKEN_TYPES order)."""
+    n = types_N.numel()
+    if not (logp_a_N.numel() == kl_N.numel() == flips_N.numel() == n):
+        raise ValueError("drift_by_type: the per-position vectors and the types must have the same length")
+    out = {}
+    for code, name in enumerate(TOKEN_TYPES):
+        m = types_N == code
+        if not bool(m.any()):
+            continue
+        r = None if routing_flips_LN is None or routing_flips_LN.shape[0] == 0 else routing_flips_LN[:, m]
+        out[name] = TypeDrift(
+            token=token_drift(logp_a_N[m], logp_b_N[m]),
+            vocab=vocab_drift(kl_N[m], top5_N[m], flips_N[m]),
+            routing_flip_rate=None if r is None else r.double().mean().item(),
+            tokens_with_routing_flip=None if r is None else r.any(dim=0).double().mean().item(),
+        )
+    return out
+
+
 # ---- routing --------------------------------------------------------------------------------------------------------
 
 
