@@ -84,12 +84,12 @@ class Qwen35MoeVLForConditionalGeneration(Qwen35MoeForCausalLM):
         return self.visual(pixels_NP, grid_thw).to(self.embed_tokens.weight.dtype)
 
     def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch,
-                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                image_embeds: torch.Tensor | None = None, image_mask_T: torch.Tensor | None = None) -> torch.Tensor:
         """As CausalLM.forward; pos_T is [T] (text) or [3, T] (mRoPE t/h/w rows); image_embeds are the rows of the
-        batch's image placeholder tokens, in token order."""
+        image tokens (image_mask_T; default: every image_token_id), in token order."""
         x = self.embed_tokens(ids_T)
         if image_embeds is not None:
-            mask_T = ids_T == self.args.image_token_id
+            mask_T = ids_T == self.args.image_token_id if image_mask_T is None else image_mask_T
             if (n := int(mask_T.sum())) != image_embeds.shape[0]:
                 raise ValueError(f"Image features and image tokens do not match, tokens: {n}, features: {image_embeds.shape[0]}")
             x = x.masked_scatter(mask_T[:, None], image_embeds.to(x.dtype))

@@ -312,3 +312,80 @@ def test_images_decode_or_refuse(tmp_path) -> None:
         load_image(png[: len(png) // 2])
     with pytest.raises(ImageError, match="not fetched"):
         load_image("https://example.com/a.png")
+
+
+# ---- the engine -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, _ = build_model(dataclasses.replace(tiny_model_config("qwen3_5_moe_vl_tiny"),
+                                               cache_dir=str(tmp_path_factory.mktemp("vl_cache"))))
+    return model
+
+
+def _engine(model, preset: str, **cfg):
+    from parityrt.config import EngineConfig
+    from parityrt.engine.engine import Engine
+    from parityrt.tokenizer import Tokenizer
+
+    bind(model, load_preset(preset))
+    return Engine(model, Tokenizer.from_dir(), model.args.eos_token_id, EngineConfig(**cfg))
+
+
+def _request(i: int, ids: list[int], images: list[Image.Image], cfg: QwenImageConfig | None = None, **extra):
+    from parityrt.engine.request import GenerateRequest, SamplingParams
+    from parityrt.vision.qwen_processor import qwen_image_inputs
+
+    inputs = None
+    if images:
+        ids, inputs = qwen_image_inputs(ids, images, cfg or QwenImageConfig(), IMAGE)
+    sp = SamplingParams(max_new_tokens=extra.pop("max_new_tokens", 5), temperature=0.8, top_k=50, ignore_eos=True,
+                        sampling_seed=i)
+    return GenerateRequest(rid=f"r{i}", input_ids=ids, sampling=sp, return_logprob=True, images=inputs, **extra)
+
+
+def _outputs(engine, requests) -> list[tuple[list[int], list]]:
+    from parityrt.server.protocol.response import generate_response
+
+    return [(s.output_ids, generate_response(engine.output(s))["meta_info"]["output_token_logprobs"])
+            for s in engine.generate(requests)]
+
+
+# small images for the engine runs (rl_parity on CPU runs ATen's plain GEMMs): min_pixels lowered to 64x64, so a
+# 64x64 image is 4x4 patches (4 tokens) and a 96x160 one 6x10 (15 tokens)
+SMALL = QwenImageConfig(min_pixels=64 * 64)
+MIXED = [(prompt(1, 1), [make_image(96, 160, 5)]), (prompt(2, 2), [make_image(64, 64, 6), make_image(96, 160, 7)]),
+         (prompt(0, 3), [])]
+
+
+def test_engine_prefill_logits_are_transformers(hf, ours) -> None:
+    """hf_eager through the engine (positions and the splice done by the model runner) = transformers."""
+    ids, images = prompt(2), [IDENTITY, RAGGED]
+    req = dataclasses.replace(_request(0, ids, images, max_new_tokens=1), keep_logits=True)
+    [seq] = _engine(ours, "hf_eager").generate([req])
+    ref = run_hf(hf, ids, images)
+    assert len(seq.logits) == ref.shape[0]
+    assert all(torch.equal(seq.logits[p], ref[p].float()) for p in range(ref.shape[0]))
+
+
+def test_rl_parity_image_requests_alone_batched_chunked_and_rescored(tiny) -> None:
+    """Under rl_parity an image request's output ids and logprobs are the same bits alone, batched with other image
+    and text requests, with its prompt (and images) cut into 7-token prefill chunks, and re-scored in one prefill
+    of prompt + output (the decode positions p + rope_delta meet the prompt's mRoPE rows)."""
+    from parityrt.server.protocol.response import generate_response
+
+    requests = [_request(i, ids, images, SMALL) for i, (ids, images) in enumerate(MIXED)]
+    together = _outputs(_engine(tiny, "rl_parity"), requests)
+    alone = [_outputs(_engine(tiny, "rl_parity"), [r])[0] for r in requests]
+    assert alone == together
+    assert _outputs(_engine(tiny, "rl_parity", chunked_prefill_size=7), requests) == together
+    for i, ((ids, images), (out, lps)) in enumerate(zip(MIXED, together)):
+        scored = dataclasses.replace(_request(i, ids + out, images, SMALL, max_new_tokens=0),
+                                     logprob_start_len=len(requests[i].input_ids))
+        engine = _engine(tiny, "rl_parity")
+        [seq] = engine.generate([scored])
+        assert generate_response(engine.output(seq))["meta_info"]["input_token_logprobs"] == lps, f"request {i}"
+    # the image rows matter: the same prompt with another image gives other logprobs
+    other = _request(0, MIXED[0][0], [make_image(96, 160, 99)], SMALL)
+    assert _outputs(_engine(tiny, "rl_parity"), [other])[0][1] != together[0][1]

@@ -93,7 +93,9 @@ class DecodeGraphs:
         self.route_bufs = [torch.zeros(self.max_batch, m.top_k, dtype=torch.long, device=self.kv.device) for m in self.routers]
 
     def fits(self, batch: list[tuple[object, int]]) -> bool:
-        return 0 < len(batch) <= self.max_batch and all(n == 1 for _, n in batch)
+        # a decode of an image prompt sits at p + rope_delta on the mRoPE axes: not the graphs' 1-D positions
+        return (0 < len(batch) <= self.max_batch and all(n == 1 for _, n in batch)
+                and not any(getattr(seq.req, "images", None) is not None for seq, _ in batch))
 
     def run(self, batch: list[tuple[object, int]], want_routes: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits [B, V] of a decode step of the given (sequence, 1) entries, and per router the expert ids

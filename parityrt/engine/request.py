@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import re2
 
@@ -53,6 +54,19 @@ class SamplingParams:
 
 
 @dataclass(slots=True, kw_only=True)
+class ImageInputs:
+    """A prompt's processed images (parityrt/vision): the prompt already holds each image's expanded placeholder
+    tokens. The engine encodes the request's images with the model's vision tower (alone: no other request's
+    images share the call) in every prefill step that holds some of their tokens, and splices those rows."""
+
+    pixel_values: Any  # torch fp32 [patches, C·T·P·P], the processor's
+    grid_thw: list[tuple[int, int, int]]
+    positions: Any  # torch int64 [3, len(input_ids)]: the prompt's mRoPE positions (t, h, w)
+    rope_delta: int  # a token at index p >= len(input_ids) sits at p + rope_delta on every axis
+    image_token_id: int
+
+
+@dataclass(slots=True, kw_only=True)
 class GenerateRequest:
     """One prompt, one sample: what the engine runs."""
 
@@ -70,3 +84,4 @@ class GenerateRequest:
     keep_logits: bool = False  # offline parity runs: keep fp32 logits of every scored position
     # n > 1: copies of one seed would draw identical samples, so sample j is seeded with seed + j
     sample_index: int = 0
+    images: ImageInputs | None = None  # a multimodal prompt's images, placeholders expanded

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from parityrt.engine.request import ImageInputs
 from parityrt.vision.images import ImageError
 
 
@@ -152,3 +153,13 @@ def mrope_positions(ids: list[int], grid_thw: list[tuple[int, int, int]], image_
     positions = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
     delta = int(positions.max()) + 1 - len(ids) if len(ids) else 0
     return positions, delta
+
+
+def qwen_image_inputs(ids: list[int], images: list[Image.Image], cfg: QwenImageConfig,
+                      image_token_id: int) -> tuple[list[int], ImageInputs]:
+    """One prompt with one placeholder per image -> its expanded ids and the engine's ImageInputs."""
+    processed = process_images(images, cfg)
+    expanded = expand_placeholders(ids, processed.tokens(cfg.merge_size), image_token_id)
+    positions, delta = mrope_positions(expanded, processed.grid_thw, image_token_id, cfg.merge_size)
+    return expanded, ImageInputs(pixel_values=processed.pixel_values, grid_thw=processed.grid_thw,
+                                 positions=positions, rope_delta=delta, image_token_id=image_token_id)
