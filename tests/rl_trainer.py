@@ -43,10 +43,23 @@ def run(conn, url: str, api_key: str | None) -> None:
             out: Any = None
             if op == "init":
                 sync.init_group(**args)
-            elif op == "update":
-                out = sync.update(tensors(args.pop("ckpt"), args.pop("kind")), **args)
-            elif op == "tensor":
-                out = sync.update_from_tensor(tensors(args.pop("ckpt"), args.pop("kind")), **args)
+            elif op in ("update", "tensor"):
+                device = args.pop("device", "cpu")  # cuda: NCCL broadcasts, CUDA IPC handles
+                if device.startswith("cuda:"):
+                    torch.cuda.set_device(device)
+                named = [(n, t.to(device)) for n, t in tensors(args.pop("ckpt"), args.pop("kind"))]
+                out = (sync.update if op == "update" else sync.update_from_tensor)(named, **args)
+            elif op == "sglang_tensor":  # SGLang's own client-side serializer, as verl and slime call it
+                import httpx
+                import torch.multiprocessing as mp
+                from sglang.srt.utils import MultiprocessingSerializer
+
+                mp.set_sharing_strategy("file_system")
+                named = tensors(args.pop("ckpt"), args.pop("kind"))
+                payload = MultiprocessingSerializer.serialize(named, output_str=True)
+                r = httpx.post(url + "/update_weights_from_tensor", json={"serialized_named_tensors": [payload], **args},
+                               timeout=120)
+                out = {"status": r.status_code, **r.json()}
             elif op == "destroy":
                 sync.destroy_group()
             conn.send(("ok", out))

@@ -37,7 +37,25 @@ _REBUILDERS = {
               "rebuild_typed_storage_child", "rebuild_storage_empty")
 }
 _TORCH_NAMES = {("torch", "Size"), ("torch", "Tensor"), ("torch", "UntypedStorage"), ("torch.storage", "TypedStorage"),
-                ("torch.storage", "UntypedStorage"), ("collections", "OrderedDict")}
+                ("torch.storage", "UntypedStorage"), ("torch.nn.parameter", "Parameter"),
+                ("collections", "OrderedDict")}
+_DEVICE_ARG = 6  # rebuild_cuda_tensor's storage_device argument
+
+
+def _rebuild_cuda_tensor_by_uuid(*args):
+    """SGLang's serializer patches torch's CUDA reduction to name the device by UUID, not ordinal (ordinals differ
+    between processes with other CUDA_VISIBLE_DEVICES; sglang/srt/utils/patch_torch.py), and pickles its own
+    `_rebuild_cuda_tensor_modified`, from whichever module patched it. That name resolves here, never to the
+    sender's module: the UUID becomes this process's ordinal, then torch's rebuild_cuda_tensor runs."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    device = args[_DEVICE_ARG]
+    if isinstance(device, str):
+        found = [i for i in range(torch.cuda.device_count()) if str(torch.cuda.get_device_properties(i).uuid) == device]
+        if not found:
+            raise WeightSyncError(f"the payload's CUDA tensors live on GPU {device}, which this process cannot see")
+        args = (*args[:_DEVICE_ARG], found[0], *args[_DEVICE_ARG + 1 :])
+    return rebuild_cuda_tensor(*args)
 
 
 class WeightSyncError(ValueError):
@@ -46,6 +64,8 @@ class WeightSyncError(ValueError):
 
 class _TensorUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if name == "_rebuild_cuda_tensor_modified":
+            return _rebuild_cuda_tensor_by_uuid
         if (module, name) in _REBUILDERS or (module, name) in _TORCH_NAMES:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
