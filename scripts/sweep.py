@@ -11,6 +11,9 @@ cell's own generation, so `python -m parityrt.parity compare` works on any two c
                    every metric of docs/parity.md, routing and hidden-state drift per MoE layer
   free_running     the cell's own generation vs the reference's: first divergence, same-context logprobs
   unique_outputs_over_repeats, throughput (generation and teacher-forced scoring tokens/s)
+With image_prompts > 0 (a VL model) the prompts are that many seeded synthetic image prompts (text, image, text:
+parityrt/parity/vl_workload.py), scored teacher-forced on every position by the reference and the cell; every
+metric is also split by token type (teacher_forced.by_type); nothing is generated, so free_running is null.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from parityrt.parity.compare import compare_recorded
 from parityrt.parity.metrics import mean_unique_outputs
 from parityrt.parity.policies import parallel_preset, preset
 from parityrt.parity.scoring import compare_policies
+from parityrt.parity.vl_workload import image_sequences
 from parityrt.parity.workload import generate, load_requests, sequences, write_outputs
 from parityrt.runtime import Runtime, close_runtime, load_runtime, write_run_files
 
@@ -45,6 +49,9 @@ class SweepConfig(RunConfig):
     max_new_tokens: int | None = 32
     batch_size: int = 1
     repeats: int = 2
+    image_prompts: int = 0  # > 0: that many synthetic image prompts, teacher-forced only (VL models)
+    image_sizes: list[list[int]] | None = None  # [width, height] per image, cycled (null: the model's defaults)
+    image_seed: int = 0
 
 
 ConfigStore.instance().store(name="base_sweep", node=SweepConfig)
@@ -58,6 +65,8 @@ def measure(run: SweepConfig, run_dir: Path, rt: Runtime, ref_rt: Runtime, refer
             ref_parallel: ParallelConfig) -> dict[str, Any]:
     """Everything metrics.json holds; writes the cell's own run files (outputs.jsonl, logits.pt) on the way."""
     model, tok = rt.model, rt.tokenizer
+    if run.image_prompts > 0:
+        return measure_images(run, rt, ref_rt, reference, ref_parallel)
     requests = load_requests(run.input, tok, model.args.vocab_size, run.engine.max_seq_len, run.max_new_tokens)
     ref_run, _, _ = generate(ref_rt.model, tok, rt.eos_token_ids, requests, reference, progress=run.progress,
                              desc=f"reference ({reference.name}, {layout(ref_parallel)})")
@@ -74,20 +83,8 @@ def measure(run: SweepConfig, run_dir: Path, rt: Runtime, ref_rt: Runtime, refer
     teacher_forced = compare_policies(model, reference, {"cell": run.numerics}, sequences(ref_run),
                                       batch_size=run.batch_size, reference_batch_size=1, reference_model=ref_rt.model,
                                       progress=run.progress, desc="teacher-forced")["cell"]
-    task_overrides = list(HydraConfig.get().overrides.task)
     return {
-        "cell": {
-            "model": run.model.name,
-            "numerics": run.numerics.name,
-            # the preset name alone does not say which knobs a cell changed on top of it
-            "label": run.numerics.name + "".join(f" {o}" for o in task_overrides if o.startswith("numerics.")),
-            "overrides": task_overrides,
-            "parallel": layout(run.parallel),
-            "batch_size": run.batch_size,
-            "reference": f"{reference.name} {layout(ref_parallel)}",
-            "requests": len(requests),
-            "repeats": run.repeats,
-        },
+        "cell": cell_info(run, reference, ref_parallel, len(requests)),
         "throughput": {
             "generate_tokens_per_s": generated / seconds if seconds > 0 else None,
             "score_tokens_per_s": teacher_forced.score_tokens_per_s,
@@ -99,14 +96,47 @@ def measure(run: SweepConfig, run_dir: Path, rt: Runtime, ref_rt: Runtime, refer
     }
 
 
+def cell_info(run: SweepConfig, reference: NumericsPolicy, ref_parallel: ParallelConfig, requests: int) -> dict[str, Any]:
+    task_overrides = list(HydraConfig.get().overrides.task)
+    return {
+        "model": run.model.name,
+        "numerics": run.numerics.name,
+        # the preset name alone does not say which knobs a cell changed on top of it
+        "label": run.numerics.name + "".join(f" {o}" for o in task_overrides if o.startswith("numerics.")),
+        "overrides": task_overrides,
+        "parallel": layout(run.parallel),
+        "batch_size": run.batch_size,
+        "reference": f"{reference.name} {layout(ref_parallel)}",
+        "requests": requests,
+        "repeats": run.repeats,
+    }
+
+
+def measure_images(run: SweepConfig, rt: Runtime, ref_rt: Runtime, reference: NumericsPolicy,
+                   ref_parallel: ParallelConfig) -> dict[str, Any]:
+    """metrics.json of an image-prompt cell: teacher-forced drift on every position, split by token type."""
+    seqs = image_sequences(rt.model, rt.tokenizer, rt.checkpoint, prompts=run.image_prompts, sizes=run.image_sizes,
+                           seed=run.image_seed)
+    tf = compare_policies(rt.model, reference, {"cell": run.numerics}, seqs, batch_size=run.batch_size,
+                          reference_batch_size=1, reference_model=ref_rt.model, progress=run.progress,
+                          desc="teacher-forced (image prompts)")["cell"]
+    return {
+        "cell": cell_info(run, reference, ref_parallel, len(seqs)) | {"image_prompts": run.image_prompts},
+        "throughput": {"generate_tokens_per_s": None, "score_tokens_per_s": tf.score_tokens_per_s},
+        "teacher_forced": tf.to_dict(),
+        "free_running": None,
+        "unique_outputs_over_repeats": None,
+    }
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
     run = to_run_config(cfg)
     assert isinstance(run, SweepConfig)
     if run.repeats < 1:
         raise ValueError("repeats must be at least 1")
-    if not run.input:
-        raise ValueError("set input=FILE.jsonl (SGLang /generate request records: the prompt set)")
+    if not run.input and run.image_prompts <= 0:
+        raise ValueError("set input=FILE.jsonl (SGLang /generate request records: the prompt set) or image_prompts=N")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     reference, ref_parallel = preset(run.reference), parallel_preset(run.reference_parallel)
     rt = load_runtime(run)

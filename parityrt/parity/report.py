@@ -62,6 +62,10 @@ COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("KL p99", ("teacher_forced", "vocab", "kl_p99")),
     ("top-5 div", ("teacher_forced", "vocab", "top5_prob_div_mean")),
     ("argmax flips", ("teacher_forced", "vocab", "argmax_flip_rate")),
+    # image prompts (VL models): k3 split by token type (text before the first image, image tokens, text after)
+    ("k3 text before", ("teacher_forced", "by_type", "text_before", "token", "k3_mean")),
+    ("k3 image", ("teacher_forced", "by_type", "image", "token", "k3_mean")),
+    ("k3 text after", ("teacher_forced", "by_type", "text_after", "token", "k3_mean")),
     ("routing flips", ("teacher_forced", "routing", "flip_rate_mean")),
     ("tokens w/ flip", ("teacher_forced", "routing", "tokens_with_flip")),
     ("outputs differing", ("free_running", "diverged")),
@@ -78,7 +82,8 @@ def unique_across_cells(cells: list[Cell]) -> list[list[Any]]:
     """Per model: distinct outputs per prompt over all its cells (TBIK's 'unique outputs over configurations')."""
     by_model: dict[str, list[Cell]] = defaultdict(list)
     for c in cells:
-        by_model[c.model].append(c)
+        if not c.metrics["cell"].get("image_prompts"):  # image-prompt cells generate nothing (teacher-forced only)
+            by_model[c.model].append(c)
     out = []
     for model, group in by_model.items():
         runs = [load_run(c.path, with_logits=False) for c in group]
