@@ -102,25 +102,28 @@ def ours(checkpoint):
     return model
 
 
-def run_ours(model, ids: list[int], images: list[Image.Image]) -> torch.Tensor:
+def run_ours(model, ids: list[int], images: list[Image.Image], image: int = IMAGE) -> torch.Tensor:
+    dev = model.embed_tokens.weight.device
     px = process_images(images, QwenImageConfig())
-    ids = expand_placeholders(ids, px.tokens(MERGE), IMAGE)
-    pos, _ = mrope_positions(ids, px.grid_thw, IMAGE, MERGE)
+    ids = expand_placeholders(ids, px.tokens(MERGE), image)
+    pos, _ = mrope_positions(ids, px.grid_thw, image, MERGE)
     with torch.no_grad():
-        emb = model.encode_images(px.pixel_values, px.grid_thw) if images else None
-        h = model(torch.tensor(ids), pos if images else torch.arange(len(ids)), ForwardBatch.packed([len(ids)], "cpu"), emb)
+        emb = model.encode_images(px.pixel_values.to(dev), px.grid_thw) if images else None
+        h = model(torch.tensor(ids, device=dev), (pos if images else torch.arange(len(ids))).to(dev),
+                  ForwardBatch.packed([len(ids)], dev), emb)
         return model.compute_logits(h)
 
 
-def run_hf(model, ids: list[int], images: list[Image.Image]) -> torch.Tensor:
+def run_hf(model, ids: list[int], images: list[Image.Image], image: int = IMAGE) -> torch.Tensor:
+    dev = model.device
     px = process_images(images, QwenImageConfig())
-    ids_t = torch.tensor([expand_placeholders(ids, px.tokens(MERGE), IMAGE)])
+    ids_t = torch.tensor([expand_placeholders(ids, px.tokens(MERGE), image)], device=dev)
     with torch.no_grad():
-        return model(input_ids=ids_t, pixel_values=px.pixel_values, image_grid_thw=torch.tensor(px.grid_thw),
-                     mm_token_type_ids=(ids_t == IMAGE).int()).logits[0]
+        return model(input_ids=ids_t, pixel_values=px.pixel_values.to(dev), image_grid_thw=torch.tensor(px.grid_thw, device=dev),
+                     mm_token_type_ids=(ids_t == image).int()).logits[0]
 
 
-def first_difference(ours_model, hf_model, ids: list[int], images: list[Image.Image]) -> str:
+def first_difference(ours_model, hf_model, ids: list[int], images: list[Image.Image], image: int = IMAGE) -> str:
     """The first module (forward order) whose output differs, for the failure message."""
     v, hv = ours_model.visual, hf_model.model.visual
     pairs = [(v.patch_embed, hv.patch_embed), *zip(v.blocks, hv.blocks), (v.merger, hv.merger),
@@ -138,8 +141,8 @@ def first_difference(ours_model, hf_model, ids: list[int], images: list[Image.Im
 
     handles = [m.register_forward_hook(keep(2 * i + side)) for i, pair in enumerate(pairs) for side, m in enumerate(pair)]
     try:
-        run_ours(ours_model, ids, images)
-        run_hf(hf_model, ids, images)
+        run_ours(ours_model, ids, images, image)
+        run_hf(hf_model, ids, images, image)
     finally:
         for h in handles:
             h.remove()
@@ -389,3 +392,42 @@ def test_rl_parity_image_requests_alone_batched_chunked_and_rescored(tiny) -> No
     # the image rows matter: the same prompt with another image gives other logprobs
     other = _request(0, MIXED[0][0], [make_image(96, 160, 99)], SMALL)
     assert _outputs(_engine(tiny, "rl_parity"), [other])[0][1] != together[0][1]
+
+
+# ---- on a GPU: the Qwen slice (real per-layer dimensions) with the released vision tower's dimensions --------------
+
+
+@pytest.mark.cuda
+def test_slice_with_a_real_sized_vision_tower_bitwise_on_gpu(tmp_path) -> None:
+    """model=qwen3_5_moe_vl_slice (random weights: 27 ViT blocks of 1152, 48x48 position table, the text slice's 4
+    layers at 4096) on one GPU under hf_eager vs transformers' eager model on the same GPU: image embeddings and
+    bf16 logits bitwise for a 768x768 image (48x48 patches: identity resample) and a ragged 500x333 one."""
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    from parityrt.weights import ensure_generated_checkpoint
+
+    cfg = dataclasses.replace(tiny_model_config("qwen3_5_moe_vl_slice"), cache_dir=str(tmp_path), device="cuda")
+    image = cfg.hf_config["image_token_id"]
+    ckpt = ensure_generated_checkpoint(cfg)
+    ours, _ = build_model(dataclasses.replace(cfg, path=str(ckpt)))
+    bind(ours, load_preset("hf_eager"))
+    hf_model = Qwen3_5MoeForConditionalGeneration.from_pretrained(
+        ckpt, dtype=torch.bfloat16, attn_implementation="eager", experts_implementation="eager").to("cuda").eval()
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True  # the same conv algorithm for both Conv3d calls
+    try:
+        g = torch.Generator().manual_seed(0)
+        for images in ([make_image(768, 768, 10)], [make_image(500, 333, 11)], [make_image(768, 768, 10), make_image(500, 333, 11)]):
+            ids = torch.randint(0, 240000, (5,), generator=g).tolist()
+            for _ in images:
+                ids += [cfg.hf_config["vision_start_token_id"], image, cfg.hf_config["vision_end_token_id"], 11, 12]
+            px = process_images(images, QwenImageConfig())
+            with torch.no_grad():
+                ref = torch.cat(hf_model.model.get_image_features(px.pixel_values.cuda(), torch.tensor(px.grid_thw).cuda()).pooler_output)
+                emb = ours.encode_images(px.pixel_values.cuda(), px.grid_thw)
+            a, b = run_ours(ours, ids, images, image), run_hf(hf_model, ids, images, image)
+            where = "" if torch.equal(a, b) and torch.equal(emb, ref) else first_difference(ours, hf_model, ids, images, image)
+            assert torch.equal(emb, ref), f"{px.grid_thw}: embeddings differ, first at {where}"
+            assert torch.equal(a, b), f"{px.grid_thw}: logits differ by {(a.float() - b.float()).abs().max()}, first at {where}"
+    finally:
+        torch.backends.cudnn.deterministic = saved
