@@ -243,6 +243,20 @@ def test_in_flight_requests_finish_on_the_old_weights_unless_aborted(srv, traine
     assert srv.post("/generate", LONG).json()["output_ids"] == ref["output_ids"]
 
 
+def test_update_weights_from_disk_lets_requests_in_flight_finish_first(srv, ckpts):
+    ref = srv.post("/generate", LONG).json()
+    seen: list = []
+    t = _stream(srv, LONG, seen)
+    r = srv.post("/update_weights_from_disk", {"model_path": ckpts[1], "weight_version": "disk-1"})
+    assert r.status_code == 200, r.text
+    t.join(120)
+    # every token from the old weights (the new ones would have changed them), under the old version
+    assert seen[-1]["output_ids"] == ref["output_ids"] and seen[-1]["meta_info"]["weight_version"] == "default"
+    assert "weight_versions" not in seen[-1]["meta_info"] or len(seen[-1]["meta_info"]["weight_versions"]) == 1
+    assert srv.post("/generate", LONG).json()["meta_info"]["weight_version"] == "disk-1"
+    _restore(srv, ckpts[0])
+
+
 # ---- pause / continue ---------------------------------------------------------------------------------------------
 
 

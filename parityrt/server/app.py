@@ -407,13 +407,12 @@ def create_app(state: ServerState) -> FastAPI:
             msg = f"Failed to update weights: {e}. Rolling back to the previous weights."
             return JSONResponse({"success": False, "message": msg, "num_paused_requests": 0}, status_code=400)
         version = obj.weight_version or str(state.weight_updates + 1)
-
-        def swap() -> None:
-            if obj.abort_all_requests:
-                state.worker.abort(None)
-            state.engine.set_model(model, version)  # requests that live on record the tokens of the old version
-
-        await state.worker.call(swap)
+        if obj.abort_all_requests:
+            await state.worker.call(lambda: state.worker.abort(None))
+        # SGLang's model-update lock (control.py): the requests in flight finish on the old weights first, new ones
+        # wait; paused requests (retract / in_place) are recomputed under the new weights when generation continues
+        async with state.worker.exclusive():
+            await state.worker.call(lambda: state.engine.set_model(model, version))
         state.weight_updates += 1
         state.model_path = obj.model_path
         return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
