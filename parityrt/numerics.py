@@ -39,14 +39,6 @@ class RouterDtype(str, Enum):
     model = "model"  # the activation dtype (bf16): router GEMM without upcast, weights cast down (engines)
 
 
-class SlotOrder(str, Enum):
-    # the order of a token's top-k slots, which the fp32 renormalising sum of the routing weights (and every
-    # slot-ordered reduction after it) adds in
-    native = "native"  # transformers': topk(sorted=True) for Qwen3.5, topk(sorted=False) for DeepSeek-V3/Kimi,
-    # whose order is the topk kernel's own: on CUDA it changes with the number of rows (a token alone, in a batch)
-    expert_id = "expert_id"  # the chosen ids sorted ascending: one order whatever kernel picked them
-
-
 class DequantOrder(str, Enum):
     bf16 = "bf16"  # compressed-tensors: W = q.to(bf16)·scale rounded to bf16, then the bf16 expert path
     fp32 = "fp32"  # vLLM #31962: W = q·scale exact in fp32, fp32 GEMMs, router weight applied in fp32, one cast
@@ -147,7 +139,6 @@ class RouterNumerics:
     impl: Impl = Impl.auto  # the router GEMM
     logits_dtype: RouterDtype = RouterDtype.native
     weights_dtype: RouterDtype = RouterDtype.native
-    slot_order: SlotOrder = SlotOrder.native
     # routing replay (R3): take the expert ids from the batch (ForwardBatch.routed_experts_TLK, the server's
     # return_routed_experts) instead of choosing them; the weights are still this router's own, recomputed from its
     # logits with the same normalisation and dtypes, so the router keeps its gradients. Off: the router chooses.

@@ -23,7 +23,6 @@ from parityrt.numerics import (
     ExpertsGemm,
     Impl,
     RouterDtype,
-    SlotOrder,
     TpReduce,
     Unbound,
 )
@@ -102,9 +101,6 @@ class SoftmaxTopKRouter(nn.Module):
         logits_TE = matmul(x_TH, self.weight, self.nx.impl, torch.float32 if fp32 else None)
         probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
         w_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self.nx.slot_order == SlotOrder.expert_id:
-            ids_TK, perm_TK = ids_TK.sort(dim=-1)
-            w_TK = w_TK.gather(1, perm_TK)
         if (replay_TK := replayed_ids(self, routed_TLK, ids_TK)) is not None:
             # the replayed slots in the server's order (sorted by its probabilities): the fp32 renormalising sum
             # below adds them in that order, as the server did
@@ -148,8 +144,6 @@ class SigmoidGroupedTopKRouter(nn.Module):
         keep_groups_TG = torch.zeros_like(group_TG).scatter_(1, torch.topk(group_TG, self.topk_group, dim=-1, sorted=False)[1], 1)
         keep_TE = keep_groups_TG.unsqueeze(-1).expand(T, self.n_group, E // self.n_group).reshape(T, E).bool()
         ids_TK = torch.topk(choice_TE.masked_fill(~keep_TE, float("-inf")), self.top_k, dim=-1, sorted=False)[1]
-        if self.nx.slot_order == SlotOrder.expert_id:  # sorted=False: the order is the CUDA kernel's, by row count
-            ids_TK = ids_TK.sort(dim=-1)[0]
         if (replay_TK := replayed_ids(self, routed_TLK, ids_TK)) is not None:
             ids_TK = replay_TK  # slot order as the server recorded it: the fp32 sum below adds in that order
         w_TK = scores_TE.gather(1, ids_TK)
