@@ -141,6 +141,8 @@ def _overrides_slug(override_dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("parityrt_overrides", _overrides_slug, replace=True)
+# ${asset:NAME}: a directory shipped in parityrt/assets (e.g. a tiny model's tokenizer), wherever parityrt is installed
+OmegaConf.register_new_resolver("asset", lambda name: str(Path(__file__).resolve().parent / "assets" / name), replace=True)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

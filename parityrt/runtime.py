@@ -146,7 +146,24 @@ def build_state(run: RunConfig, rt: Runtime) -> ServerState:
                        architectures=list(hf.get("architectures") or []), api_key=run.server.api_key,
                        limits=Limits(max_n=run.server.max_n, max_batch=run.server.max_batch,
                                      max_top_logprobs=run.server.max_top_logprobs),
-                       max_body_bytes=run.server.max_body_bytes, numerics_fingerprint=rt.fingerprint)
+                       max_body_bytes=run.server.max_body_bytes, numerics_fingerprint=rt.fingerprint,
+                       images=image_prep(rt))
+
+
+def image_prep(rt: Runtime) -> Any:
+    """The served model's image path for the protocol (image_data, image_url parts), or None: a text model, or a
+    multimodal checkpoint without a vision tower."""
+    args = getattr(rt.model, "args", None)
+    if getattr(args, "vision", None) is None:
+        return None
+    from parityrt.vision.qwen_processor import QwenImageConfig, QwenImagePrep
+
+    cfg, v = QwenImageConfig.from_dir(rt.checkpoint), args.vision
+    if (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size) != (v.patch_size, v.spatial_merge_size, v.temporal_patch_size):
+        raise ValueError(f"{rt.checkpoint}: the image processor's patch/merge/temporal sizes "
+                         f"{(cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)} are not the vision tower's "
+                         f"{(v.patch_size, v.spatial_merge_size, v.temporal_patch_size)}")
+    return QwenImagePrep(cfg=cfg, image_token_id=args.image_token_id)
 
 
 def write_run_files(run_dir: Path, run: RunConfig, rt: Runtime) -> None:

@@ -431,3 +431,116 @@ def test_slice_with_a_real_sized_vision_tower_bitwise_on_gpu(tmp_path) -> None:
             assert torch.equal(a, b), f"{px.grid_thw}: logits differ by {(a.float() - b.float()).abs().max()}, first at {where}"
     finally:
         torch.backends.cudnn.deterministic = saved
+
+
+# ---- serving: SGLang's image_data and OpenAI image_url parts over HTTP -------------------------------------------
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def vl_server(tmp_path_factory):
+    from server_utils import live_server
+
+    cache = tmp_path_factory.mktemp("vl_server_cache")
+    with live_server(["model=qwen3_5_moe_vl_tiny", f"model.cache_dir={cache}", "numerics=rl_parity",
+                      "engine.max_seq_len=512", "engine.max_total_tokens=4096"]) as s:
+        yield s
+
+
+GEN = {"max_new_tokens": 3, "temperature": 0.8, "top_k": 50, "ignore_eos": True, "sampling_seed": 7}
+
+
+def test_server_image_data_forms_agree_with_the_engine(vl_server, tmp_path) -> None:
+    """base64, a data URL and a local path of one image give the same bits, which are the offline engine's for the
+    same prompt; a list of two images for one prompt and a batch with per-prompt images work too."""
+    import base64
+
+    png = _png(RAGGED)
+    b64 = base64.b64encode(png).decode()
+    path = tmp_path / "ragged.png"
+    path.write_bytes(png)
+    ids = prompt(1, 5)
+    outs = []
+    for src in (b64, f"data:image/png;base64,{b64}", str(path), [b64]):
+        r = vl_server.post("/generate", {"input_ids": ids, "image_data": src, "sampling_params": GEN, "return_logprob": True})
+        assert r.status_code == 200, r.text
+        outs.append((r.json()["output_ids"], r.json()["meta_info"]["output_token_logprobs"]))
+    assert all(o == outs[0] for o in outs)
+    engine = _engine(vl_server.state.engine.runner.module, "rl_parity")
+    req = _request(0, ids, [load_image(png)], max_new_tokens=3)
+    req.sampling.sampling_seed = 7
+    assert _outputs(engine, [req])[0] == outs[0]
+    two = vl_server.post("/generate", {"input_ids": prompt(2, 6), "image_data": [b64, b64], "sampling_params": GEN})
+    assert two.status_code == 200, two.text
+    batch = vl_server.post("/generate", {"input_ids": [ids, prompt(0, 7)], "image_data": [b64, None],
+                                         "sampling_params": GEN, "return_logprob": True})
+    assert batch.status_code == 200, batch.text
+    first = batch.json()[0]
+    assert (first["output_ids"], first["meta_info"]["output_token_logprobs"]) == outs[0]  # batched = alone
+
+
+def test_server_text_prompt_and_openai_chat_image_url(vl_server) -> None:
+    """A text prompt's <|image_pad|> placeholder is expanded as transformers' processor expands it; an OpenAI chat
+    message with an image_url part renders the template's placeholder and gives the /generate bits."""
+    import base64
+
+    from parityrt.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(vl_server.state.engine.tokenizer.name_or_path)
+    b64 = base64.b64encode(_png(IDENTITY)).decode()
+    text = "<|im_start|>user\nlook<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+    by_text = vl_server.post("/generate", {"text": text, "image_data": b64, "sampling_params": GEN,
+                                           "return_logprob": True, "return_prompt_token_ids": True}).json()
+    expanded = tok.encode(expand_text(text, [64], "<|image_pad|>"))
+    assert by_text["meta_info"].get("prompt_token_ids", expanded) == expanded
+    by_ids = vl_server.post("/generate", {"input_ids": tok.encode(text), "image_data": b64, "sampling_params": GEN,
+                                          "return_logprob": True}).json()
+    assert by_text["output_ids"] == by_ids["output_ids"]
+    chat = vl_server.post("/v1/chat/completions", {
+        "model": "m", "max_tokens": 3, "temperature": 0.8, "top_k": 50, "seed": 7, "ignore_eos": True,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "look"},
+                                                  {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}]}]})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] == len(expanded)
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"input_ids": [1, IMAGE, 2], "image_data": "bm90IGFuIGltYWdl"}, "cannot decode"),  # base64 of "not an image"
+    ({"input_ids": [1, IMAGE, 2], "image_data": ""}, "empty image data"),
+    ({"input_ids": [1, IMAGE, 2], "image_data": "data:image/png;base64,@@@"}, "valid base64"),
+    ({"input_ids": [1, 2, 3], "image_data": "PNG"}, "0 image placeholders for 1 images"),
+    ({"input_ids": [1, IMAGE, 2], "image_data": 5}, "image_data items must be strings"),
+    ({"input_ids": [[1, IMAGE], [2]], "image_data": ["x"]}, "one entry per prompt"),
+    ({"input_ids": [1, IMAGE, 2], "image_data": "/nonexistent/file.png"}, "neither a readable local file nor valid base64"),
+])
+def test_server_bad_images_get_a_clear_400(vl_server, body, match) -> None:
+    r = vl_server.post("/generate", {**body, "sampling_params": GEN})
+    assert r.status_code == 400 and match in r.text, r.text
+    ok = vl_server.post("/generate", {"input_ids": [1, 2, 3], "sampling_params": GEN})
+    assert ok.status_code == 200
+
+
+def test_server_refuses_images_that_overflow_the_context(vl_server) -> None:
+    import base64
+
+    big = base64.b64encode(_png(make_image(800, 800, 8))).decode()  # 50x50 patches: 625 image tokens > 512
+    r = vl_server.post("/generate", {"input_ids": [1, IMAGE, 2], "image_data": big, "sampling_params": GEN})
+    assert r.status_code == 400 and "longer than the model's context length" in r.text, r.text
+    r = vl_server.post("/generate", {"input_ids": [1, IMAGE, 2], "image_data": base64.b64encode(_png(make_image(1, 400, 9))).decode(),
+                                     "sampling_params": GEN})
+    assert r.status_code == 400 and "aspect ratio" in r.text, r.text
+
+
+def test_text_models_refuse_images() -> None:
+    from parityrt.server.protocol.generate import parse_generate
+    from parityrt.tokenizer import Tokenizer
+
+    with pytest.raises(ValueError, match="takes no images"):
+        parse_generate({"input_ids": [1, 2], "image_data": "x"}, Tokenizer.from_dir(), 2048, 512)

@@ -9,11 +9,11 @@ trainers: update_weights(named), weights_by_name, retract_all, release_memory / 
 
 from parityrt.engine.engine import Engine, EngineStats, ModelInfo, StepOutputs
 from parityrt.engine.output import Logprobs, RequestOutput, TokenLogprob, VersionSpan
-from parityrt.engine.request import TOP_K_ALL, GenerateRequest, SamplingParams, compile_stop_regex
+from parityrt.engine.request import TOP_K_ALL, GenerateRequest, ImageInputs, SamplingParams, compile_stop_regex
 from parityrt.engine.weight_update import WeightUpdateError, parse_dtype
 
 __all__ = [
-    "TOP_K_ALL", "Engine", "EngineStats", "GenerateRequest", "Logprobs", "ModelInfo", "RequestOutput",
+    "TOP_K_ALL", "Engine", "EngineStats", "GenerateRequest", "ImageInputs", "Logprobs", "ModelInfo", "RequestOutput",
     "SamplingParams", "StepOutputs", "TokenLogprob", "VersionSpan", "WeightUpdateError", "compile_stop_regex",
     "parse_dtype",
 ]

@@ -20,7 +20,14 @@ from parityrt.engine.api import Engine, GenerateRequest, RequestOutput, Sampling
 from parityrt.server.control import NO_TOKENIZER, add_control_routes, refuse_without_tokenizer
 from parityrt.server.protocol import openai as O
 from parityrt.server.protocol import schemas as S
-from parityrt.server.protocol.generate import SURROGATE, ContractError, Limits, has_lone_surrogate, parse_generate
+from parityrt.server.protocol.generate import (
+    SURROGATE,
+    ContractError,
+    ImagePrep,
+    Limits,
+    has_lone_surrogate,
+    parse_generate,
+)
 from parityrt.server.protocol.response import generate_response
 from parityrt.server.worker import EngineWorker
 
@@ -44,6 +51,7 @@ class ServerState:
     max_body_bytes: int | None = None  # None: unbounded
     # the numerics contract (parityrt/fingerprint.py) computed at load, served by /server_info and /model_info
     numerics_fingerprint: dict[str, Any] | None = None
+    images: ImagePrep | None = None  # the served model's image path (image_data, image_url parts); None: text only
     weight_updates: int = 0
     started: float = field(default_factory=time.time)
 
@@ -145,7 +153,7 @@ def create_app(state: ServerState) -> FastAPI:
         info = state.engine.model_info()
         if state.engine.tokenizer is None:
             refuse_without_tokenizer(body)
-        return parse_generate(body, state.engine.tokenizer, info.vocab_size, info.max_seq_len, state.limits)
+        return parse_generate(body, state.engine.tokenizer, info.vocab_size, info.max_seq_len, state.limits, state.images)
 
     async def collect(request: Request, out: asyncio.Queue, requests: list[GenerateRequest]) -> list[RequestOutput] | None:
         """The final outputs of a non-streaming request, or None when the client went away first: its
@@ -266,7 +274,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             if state.engine.tokenizer is None:
                 raise ValueError(NO_TOKENIZER + ": chat messages need its chat template")
-            requests, out = await openai_submit(request, lambda: O.chat_to_generate(req, state.engine.tokenizer))
+            requests, out = await openai_submit(request, lambda: O.chat_to_generate(req, state.engine.tokenizer, state.images is not None))
         except ValueError as e:
             return openai_error(str(e))
         if not req.stream:

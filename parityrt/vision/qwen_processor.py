@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from parityrt.engine.request import ImageInputs
-from parityrt.vision.images import ImageError
+from parityrt.vision.images import ImageError, load_image
 
 
 @dataclass(slots=True, kw_only=True)
@@ -163,3 +163,22 @@ def qwen_image_inputs(ids: list[int], images: list[Image.Image], cfg: QwenImageC
     positions, delta = mrope_positions(expanded, processed.grid_thw, image_token_id, cfg.merge_size)
     return expanded, ImageInputs(pixel_values=processed.pixel_values, grid_thw=processed.grid_thw,
                                  positions=positions, rope_delta=delta, image_token_id=image_token_id)
+
+
+@dataclass(slots=True, kw_only=True)
+class QwenImagePrep:
+    """What the server needs to take a prompt's images (SGLang image_data) for a Qwen3.5 model: decode, process,
+    expand the prompt's placeholders and compute its mRoPE rows."""
+
+    cfg: QwenImageConfig
+    image_token_id: int
+    image_token: str = "<|image_pad|>"
+    max_images: int = 64  # per prompt
+
+    def prepare(self, ids: list[int], sources: list) -> tuple[list[int], ImageInputs]:
+        if len(sources) > self.max_images:
+            raise ImageError(f"at most {self.max_images} images per prompt, got {len(sources)}")
+        if (found := ids.count(self.image_token_id)) != len(sources):  # before decoding anything
+            raise ImageError(f"the prompt has {found} image placeholders for {len(sources)} images")
+        images = [load_image(src, f"image {k}") for k, src in enumerate(sources)]
+        return qwen_image_inputs(ids, images, self.cfg, self.image_token_id)

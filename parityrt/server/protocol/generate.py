@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import re2
 
-from parityrt.engine.api import TOP_K_ALL, GenerateRequest, SamplingParams, compile_stop_regex
+from parityrt.engine.api import TOP_K_ALL, GenerateRequest, ImageInputs, SamplingParams, compile_stop_regex
 from parityrt.tokenizer import Tokenizer
 
 # SGLang's SamplingParams contract, in its order (the order appears in the unknown-field message)
@@ -275,8 +275,33 @@ def _per_prompt(body: dict[str, Any], key: str, batch: int, default: Any, nested
     return list(v)
 
 
+class ImagePrep(Protocol):
+    """The served model's image path (e.g. parityrt/vision/qwen_processor.py QwenImagePrep): one prompt's ids and
+    image sources -> its expanded ids and the engine's ImageInputs; raises ValueError (a 400) on a bad image."""
+
+    def prepare(self, ids: list[int], sources: list) -> tuple[list[int], ImageInputs]: ...
+
+
+def _image_data(v: Any, batch: int, is_batch: bool) -> list[list[Any]]:
+    """SGLang's image_data -> each prompt's image sources: one item or a list for one prompt; for a batch, one
+    entry (an item, a list, or null) per prompt."""
+    if v is None:
+        return [[] for _ in range(batch)]
+    if is_batch:
+        if not isinstance(v, list) or len(v) != batch:
+            raise ValueError(f"image_data must hold one entry per prompt ({batch}) for a batch of prompts.")
+        per = [[] if e is None else e if isinstance(e, list) else [e] for e in v]
+    else:
+        per = [v if isinstance(v, list) else [v]]
+    for sources in per:
+        for s in sources:
+            if not isinstance(s, (str, dict)) or (isinstance(s, dict) and not isinstance(s.get("url"), str)):
+                raise ValueError("image_data items must be strings (base64, a data URL or a local path) or {\"url\": ...}.")
+    return [[s["url"] if isinstance(s, dict) else s for s in sources] for sources in per]
+
+
 def parse_generate(body: Any, tokenizer: Tokenizer, vocab_size: int, max_seq_len: int,
-                   limits: Limits = Limits()) -> tuple[list[GenerateRequest], bool]:
+                   limits: Limits = Limits(), images: ImagePrep | None = None) -> tuple[list[GenerateRequest], bool]:
     """A /generate body -> one GenerateRequest per sample (prompt-major for n > 1), and whether the response is a
     list (a batch, or n > 1). The one validation of a body: a lone surrogate first (the contract's errors would
     echo the string back), then the contract (SGLang's decoder runs before its tokenizer manager, so a contract
@@ -310,6 +335,13 @@ def parse_generate(body: Any, tokenizer: Tokenizer, vocab_size: int, max_seq_len
         if (bad := next((t for t in p if not 0 <= t < vocab_size), None)) is not None:
             raise ValueError(f"input_ids contains out-of-vocabulary token id {bad}; valid range is [0, {vocab_size}).")
     B = len(prompts)
+    sources = _image_data(body.get("image_data"), B, is_batch)
+    if any(sources) and images is None:
+        raise ValueError("This model takes no images (image_data was given).")
+    mm = [None] * B
+    for i, srcs in enumerate(sources):
+        if srcs:
+            prompts[i], mm[i] = images.prepare(prompts[i], srcs)
     sps = [parse_sampling(sp, vocab_size, limits) for sp in _per_prompt(body, "sampling_params", B, {})]
     n = sps[0].n
     if any(sp.n != n for sp in sps):
@@ -345,6 +377,7 @@ def parse_generate(body: Any, tokenizer: Tokenizer, vocab_size: int, max_seq_len
                 token_ids_logprob=token_ids[i], return_text_in_logprobs=bool(body.get("return_text_in_logprobs")),
                 return_routed_experts=bool(body.get("return_routed_experts")),
                 return_prompt_token_ids=bool(body.get("return_prompt_token_ids")), stream=bool(body.get("stream")),
+                images=mm[i],
             ))
     return requests, is_batch or n > 1
 

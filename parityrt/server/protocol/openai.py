@@ -110,8 +110,10 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt")
 
 
-def chat_to_generate(req: ChatCompletionRequest, tokenizer: Tokenizer) -> dict[str, Any]:
-    """The chat request as a /generate body (tokenizes: the server calls it off the event loop)."""
+def chat_to_generate(req: ChatCompletionRequest, tokenizer: Tokenizer, images: bool = False) -> dict[str, Any]:
+    """The chat request as a /generate body (tokenizes: the server calls it off the event loop). images: the model
+    takes images; then image_url parts reach the chat template as {"type": "image"} parts (it renders each one's
+    placeholder, as transformers' processor.apply_chat_template does) and their URLs become image_data, in order."""
     if not req.messages:
         raise ValueError("messages must not be empty.")
     for i, m in enumerate(req.messages):  # a template fed {} or role 5 raises deep in jinja: refuse it here
@@ -120,7 +122,11 @@ def chat_to_generate(req: ChatCompletionRequest, tokenizer: Tokenizer) -> dict[s
     kwargs = req.chat_template_kwargs or {}
     if bad := [k for k in RESERVED_TEMPLATE_KWARGS if k in kwargs]:
         raise ValueError(f"chat_template_kwargs must not set {', '.join(bad)}: the server sets them.")
-    messages = [{**m, "content": _content_text(m.get("content"))} for m in req.messages]
+    urls = [u for m in req.messages for u in _image_urls(m.get("content"))]
+    if urls and not images:
+        raise ValueError("This model takes no images (image_url content parts were given).")
+    messages = [{**m, "content": _content_parts(m.get("content")) if urls else _content_text(m.get("content"))}
+                for m in req.messages]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError) as e:
@@ -132,7 +138,39 @@ def chat_to_generate(req: ChatCompletionRequest, tokenizer: Tokenizer) -> dict[s
     }
     if req.logprobs:
         body.update(return_logprob=True, top_logprobs_num=req.top_logprobs or 0, return_text_in_logprobs=True)
+    if urls:
+        body["image_data"] = urls
     return body
+
+
+def _image_urls(content: Any) -> list[str]:
+    if not isinstance(content, list):
+        return []
+    urls = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise ValueError("an image_url content part needs image_url.url (a data URL, base64 or a local path)")
+            urls.append(url)
+    return urls
+
+
+def _content_parts(content: Any) -> str | list[dict[str, Any]]:
+    """Content for a chat template that renders image parts: text parts kept, image_url parts as {"type": "image"}."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            parts.append({"type": "image"})
+        else:
+            raise ValueError("message content parts must be text or image_url parts")
+    return parts
 
 
 def _content_text(content: Any) -> str:
