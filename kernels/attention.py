@@ -125,8 +125,13 @@ def _attend_block(
 ):
     """One block of SPLIT keys starting at absolute key position `lo`: the online-softmax update of (m, l, acc).
     Key position j of the sequence is store row rows_ptr[j] (k_ptr, v_ptr already point at the kv head).
-    MASKED=False only for blocks every row of the tile sees whole (no key >= L, none in a row's future); the
-    masked path would give the same bits there (where() keeps every score), it only costs more."""
+    MASKED=False only for blocks every row of the tile sees whole (no key >= L, none in a row's future): it skips
+    the loads' bounds masks. The causal where() runs on both paths although it keeps every score here: without it
+    the two paths compiled to different score arithmetic (likely s * scale - m_new contracted into one FMA on the
+    unmasked path only), and on an H200 a Kimi MLA decode row whose last block is whole (L a multiple of SPLIT)
+    got other bits than the same row in a prefill tile, which reads that block masked: the engine's decode and
+    chunked prefill differed from a one-pass prefill (trainer logprobs 150 of 256 bitwise the server's, 256 with
+    it)."""
     key = lo + keys
     if MASKED:
         key_ok = key < L
@@ -142,8 +147,7 @@ def _attend_block(
     else:
         s = tl.dot(q, kT.to(tl.float32), input_precision="ieee")
     s = s * scale
-    if MASKED:
-        s = tl.where(key[None, :] <= q_pos[:, None], s, float("-inf"))  # causal; also hides keys >= L
+    s = tl.where(key[None, :] <= q_pos[:, None], s, float("-inf"))  # causal; also hides keys >= L
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp(m - m_new)  # exactly 1 when the block adds nothing to the row (m_new == m)
     p = tl.exp(s - m_new[:, None])  # exactly 0 for hidden keys

@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cache-dir", default="~/.cache/parityrt")
+    ap.add_argument("--cache-dir", default=str(Path("~/.cache/parityrt").expanduser()))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     init_group(0, 1, free_port(), device)

@@ -29,17 +29,19 @@ REPO = Path(__file__).resolve().parents[1]
 NAMES = ["qwen3_5_moe_tiny", "kimi_k25_tiny"]
 
 
-def _rollouts(cfg, n: int = 6) -> list[dict]:
-    """Seeded sampled rollouts from the engine under rl_parity, as records the scoring CLI reads."""
+def _rollouts(cfg, n: int = 6, preset: str = "rl_parity", lens: list[int] | None = None, new_tokens: int = 8,
+              chunk: int = 512) -> list[dict]:
+    """Seeded sampled rollouts from the engine under `preset`, as records the scoring CLI reads."""
     model, _ = build_model(cfg)
-    bind(model, load_preset("rl_parity"))
+    bind(model, load_preset(preset))
     g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(0, 2040, (3 + 5 * i,), generator=g).tolist() for i in range(n)]
-    sampling = {"max_new_tokens": 8, "temperature": 0.8, "top_p": 0.9, "ignore_eos": True}
+    prompts = [torch.randint(0, 2040, (n_,), generator=g).tolist() for n_ in lens or [3 + 5 * i for i in range(n)]]
+    sampling = {"max_new_tokens": new_tokens, "temperature": 0.8, "top_p": 0.9, "ignore_eos": True}
     bodies = [{"rid": f"r{i}", "input_ids": p, "return_logprob": True,
                "sampling_params": {**sampling, "sampling_seed": i}} for i, p in enumerate(prompts)]
-    engine = Engine(model, TOK, model.args.eos_token_id, EngineConfig(max_seq_len=256, max_total_tokens=2048))
-    seqs = engine.generate([r for b in bodies for r in parse_records(b, TOK, 2048, 256)])
+    engine = Engine(model, TOK, model.args.eos_token_id,
+                    EngineConfig(max_seq_len=1024, max_total_tokens=8192, chunked_prefill_size=chunk))
+    seqs = engine.generate([r for b in bodies for r in parse_records(b, TOK, 2048, 1024)])
     return [{**generate_response(engine.output(s)), "input_ids": b["input_ids"], "sampling_params": b["sampling_params"]}
             for s, b in zip(seqs, bodies)]
 
@@ -141,6 +143,27 @@ def test_scoring_refuses_rollouts_of_another_contract(tmp_path) -> None:
     run = compose_run(["model=qwen3_5_moe_tiny", f"input={tmp_path / 'in.jsonl'}", f"train.fingerprint={tmp_path / 'none.json'}"])
     with pytest.raises(RecordError, match="cannot read a numerics fingerprint"):
         expected_fingerprints(run, [])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["qwen3_5_moe_slice", "kimi_k25_slice"])
+def test_cuda_trainer_is_the_engine_under_rl_parity_gpu(name, cache_dir) -> None:
+    """On the GPU the trainer (Triton kernels under autograd, FSDP2 at world size 1) gives the engine's sampled
+    logprobs bitwise. Prompts of 40..202 tokens with 30 new tokens in 128-token steps: decodes over 64, 128 and
+    192 keys (a whole last split-KV block, read unmasked in decode, masked in a prefill tile) and prompts that
+    straddle steps (Kimi's MLA decode differed there before attention's causal where() ran on both paths)."""
+    from parityrt.distributed import free_port
+    from parityrt.train.fsdp import init_group, shard
+
+    cfg = tiny_model_config(name, device="cuda", cache_dir=str(cache_dir))
+    records = _rollouts(cfg, preset="rl_parity_gpu", lens=[40, 98, 139, 202], new_tokens=30, chunk=128)
+    init_group(0, 1, free_port(), "cuda")
+    try:
+        train = shard(TrainModel.from_config(cfg, "rl_parity_gpu"))
+        got = [lp.detach().tolist() for lp in train(read_samples(records, train.model.args.vocab_size))]
+    finally:
+        torch.distributed.destroy_process_group()
+    assert got == _server_lps(records)
 
 
 def test_bad_records_name_the_record() -> None:

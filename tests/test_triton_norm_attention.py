@@ -308,7 +308,9 @@ def test_cuda_attention_bf16(Hq, Hkv, Dqk, Dv):
     full = attention_split_kv(q, k, v, scale, split)
     assert full.dtype == torch.bfloat16
     past = L - S
-    for t in (0, 77, S - 1):
+    # 58 and 122: decode over L = 192 and 256 keys, a whole last block, which decode reads on the unmasked path
+    # while the prefill's tile (first query 133) reads it masked
+    for t in (0, 58, 77, 122, S - 1):
         one = attention_split_kv(q[:, :, t : t + 1], k[:, :, : past + t + 1], v[:, :, : past + t + 1], scale, split)
         assert torch.equal(one, full[:, :, t : t + 1]), t
     edges = (0, 61, 130, S)
