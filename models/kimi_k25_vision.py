@@ -108,17 +108,28 @@ class KimiK25VLForConditionalGeneration(KimiK25ForCausalLM):
         return self.mm_projector(merged).to(self.embed_tokens.weight.dtype)
 
     def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, batch: ForwardBatch,
-                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                image_embeds: torch.Tensor | None = None, image_mask_T: torch.Tensor | None = None) -> torch.Tensor:
         """As the text model's forward, with `image_embeds` [placeholders in ids_T, H] replacing the placeholder
-        rows in order (transformers' masked_scatter, after the token-count check)."""
-        mask_T = torch.zeros_like(ids_T, dtype=torch.bool)
+        rows in order (transformers' masked_scatter, after the token-count check). image_mask_T: which rows are
+        image rows (default: every image/video placeholder id). pos_T may come as the engine's [3, T] rows of a
+        step with images: Kimi's positions are 1-D, every row holds them (row 0 is used)."""
+        if pos_T.dim() == 2:
+            pos_T = pos_T[0]
+        if image_mask_T is not None:
+            mask_T = image_mask_T
+        else:
+            mask_T = torch.zeros_like(ids_T, dtype=torch.bool)
+            for pid in self.placeholder_ids:
+                mask_T |= ids_T == pid
+        # placeholder ids are embedded as token 0, as transformers does (a placeholder outside the mask too)
+        zero_T = mask_T.clone()
         for pid in self.placeholder_ids:
-            mask_T |= ids_T == pid
+            zero_T |= ids_T == pid
         n = int(mask_T.sum())
         if n != (0 if image_embeds is None else image_embeds.shape[0]):
             raise ValueError(f"the batch has {n} image placeholder tokens but {0 if image_embeds is None else image_embeds.shape[0]} "
                              f"image embeddings")
-        x = self.embed_tokens(ids_T.masked_fill(mask_T, 0))
+        x = self.embed_tokens(ids_T.masked_fill(zero_T, 0))
         if n:
             x = x.masked_scatter(mask_T[:, None], image_embeds.to(x.dtype))
         cos_sin = self.rope(pos_T)

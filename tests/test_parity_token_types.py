@@ -5,6 +5,12 @@ back (attribution's reverse experts row) removes it exactly."""
 
 from __future__ import annotations
 
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +24,7 @@ from parityrt.tokenizer import Tokenizer
 from parityrt.weights import build_model
 
 IMG = 7
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_token_types() -> None:
@@ -96,3 +103,39 @@ def test_vision_piece_is_its_own_layer_range(vl) -> None:
     for p in pieces:
         vision = [n for n in p.modules if n.startswith(attribution.VISION_PREFIXES)]
         assert (p.name == attribution.VISION) == bool(vision), (p.name, vision[:2])
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_sweep_and_report_on_image_prompts(tmp_path, cache_dir) -> None:
+    """scripts/sweep.py image_prompts=N on a VL model -> metrics.json with teacher_forced.by_type; scripts/report.py
+    renders the k3-by-type columns (and skips the generation-only tables for such cells)."""
+    out = tmp_path / "sweep"
+    _run("scripts/sweep.py", "-m", "model=kimi_k25_vl_tiny", "numerics=hf_eager",
+         "numerics.ops.experts.combine=index_add_bf16,fp32_sum", "image_prompts=1", "progress=false",
+         f"model.cache_dir={cache_dir}", f"hydra.sweep.dir={out}")
+    cells = sorted(out.rglob("metrics.json"))
+    assert len(cells) == 2
+    by_combine = {json.loads(p.read_text())["cell"]["label"].split("=")[-1]: json.loads(p.read_text()) for p in cells}
+    same, fp32 = by_combine["index_add_bf16"]["teacher_forced"], by_combine["fp32_sum"]["teacher_forced"]
+    assert set(fp32["by_type"]) == set(M.TOKEN_TYPES)
+    assert all(same["by_type"][t]["token"]["k3_mean"] == 0.0 for t in M.TOKEN_TYPES)
+    assert fp32["by_type"]["image"]["vocab"]["kl_mean"] > 0 and by_combine["fp32_sum"]["free_running"] is None
+    _run("scripts/report.py", f"sweep_dir={out}")
+    report = (out / "report.md").read_text()
+    assert "k3 image" in report and "k3 text before" in report
+
+
+def test_attribute_on_image_prompts(tmp_path, cache_dir) -> None:
+    _run("scripts/attribute.py", "model=kimi_k25_vl_tiny", "image_prompts=1", "reference=hf_eager",
+         "candidate=hf_eager", "+candidate_ops.experts.combine=fp32_sum", "progress=false",
+         f"model.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}")
+    rows = list(csv.reader((tmp_path / "attribution_token_types.csv").open()))
+    assert rows[0][:3] == ["variant", "positions", "k3 text before"]
+    rev = next(r for r in rows if r[0] == "rev experts")
+    assert all(float(v) == 0.0 for v in rev[2:])  # the MoE swap removes the drift on every token type
+    assert (tmp_path / "attribution_token_types.png").stat().st_size > 0

@@ -413,3 +413,24 @@ def test_first_differing_module_is_named(tiny) -> None:
     assert first_differing_module(model, hf, ids, pix, grid) == "vision_tower.layers.0"
     bind(model, with_ops(load_preset("hf_eager"), vision={"resample_weights": "fp32"}))
     assert first_differing_module(model, hf, ids, pix, grid) == "vision_tower.patch_embed"
+
+
+def test_engine_shaped_inputs(tiny) -> None:
+    """What the engine hands a VL model in a step with images: [3, T] position rows, an explicit image mask, and the
+    prompt's ImageInputs from kimi_image_inputs (1-D positions on every row, rope_delta 0): the same bits."""
+    from parityrt.vision.kimi_processor import kimi_image_inputs
+
+    model, _ = tiny
+    bind(model, load_preset("hf_eager"))
+    image = make_image(126, 70, seed=8)
+    ids, pix, grid = _prompt([image], seed=4)
+    one = [t for i, t in enumerate(ids) if t != IMAGE or ids[i - 1] != IMAGE]  # one placeholder per image
+    expanded, inputs = kimi_image_inputs(one, [image], KimiImageProcessor(), IMAGE)
+    assert expanded == ids and inputs.rope_delta == 0 and inputs.grid_thw == [tuple(g) for g in grid.tolist()]
+    assert torch.equal(inputs.positions, torch.arange(len(ids)).expand(3, -1))
+    ref = _ours_logits(model, ids, pix, grid)
+    with torch.no_grad():
+        emb = model.encode_images(inputs.pixel_values, inputs.grid_thw)
+        ids_T = torch.tensor(ids)
+        h = model(ids_T, inputs.positions, ForwardBatch.packed([len(ids)], "cpu"), emb, image_mask_T=ids_T == IMAGE)
+        assert torch.equal(model.compute_logits(h), ref)

@@ -90,6 +90,11 @@ def compare_markdown(result: dict[str, Any]) -> str:
             "As recorded: same-context positions only. Teacher-forced: B re-scores A's tokens"
             + (" (first divergence there = first greedy flip).\n\n" if tf else " (not run).\n\n"))
     text += markdown_table(["metric", "as recorded", "teacher-forced"], rows)
+    if tf and len(tf.get("by_type") or {}) > 1:  # sequences with images: the teacher-forced drift per token type
+        text += "\n" + markdown_table(
+            ["token type", "positions", "k3 mean", "KL(A‖B) mean", "bitwise-equal fraction", "tokens with ≥1 routing flip"],
+            [(t, d["token"]["n_tokens"], d["token"]["k3_mean"], d["vocab"]["kl_mean"],
+              d["token"]["bitwise_equal_fraction"], d["tokens_with_routing_flip"]) for t, d in tf["by_type"].items()])
     if tf and tf.get("routing"):
         text += "\n" + markdown_table(
             ["router", "routing flip rate", "hidden-state relative RMS drift"],

@@ -116,3 +116,16 @@ def expand_placeholders(ids: Sequence[int], image_token_id: int, num_tokens: Seq
     if k != len(num_tokens):
         raise ValueError(f"the prompt has {k} image placeholders for {len(num_tokens)} images")
     return out
+
+
+def kimi_image_inputs(ids: Sequence[int], images: Sequence[Image.Image], processor: KimiImageProcessor,
+                      image_token_id: int):
+    """One prompt with one <|media_pad|> per image -> its expanded ids and the engine's ImageInputs. Kimi's
+    positions are plain 1-D: every one of the engine's three position rows holds 0..len-1 and rope_delta is 0."""
+    from parityrt.engine.request import ImageInputs
+
+    pixels, grid = processor(images)
+    expanded = expand_placeholders(ids, image_token_id, (grid.prod(-1) // processor.merge_size**2).tolist())
+    positions = torch.arange(len(expanded)).view(1, -1).expand(3, -1)
+    return expanded, ImageInputs(pixel_values=pixels, grid_thw=[tuple(g) for g in grid.tolist()], positions=positions,
+                                 rope_delta=0, image_token_id=image_token_id)
