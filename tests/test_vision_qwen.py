@@ -544,3 +544,14 @@ def test_text_models_refuse_images() -> None:
 
     with pytest.raises(ValueError, match="takes no images"):
         parse_generate({"input_ids": [1, 2], "image_data": "x"}, Tokenizer.from_dir(), 2048, 512)
+
+
+def test_same_ids_other_image_in_one_engine(tiny) -> None:
+    """Two prompts with the same ids (placeholders included) and different images, one after the other in one
+    engine: the second gets its own bits (a prefix cache keyed by ids must not hand it the first image's KV)."""
+    ids = prompt(1, 1) + list(range(100, 180))
+    first = _request(0, ids, [make_image(96, 160, 5)], SMALL)
+    second = _request(0, ids, [make_image(96, 160, 6)], SMALL)
+    engine = _engine(tiny, "hf_eager")
+    _outputs(engine, [first])
+    assert _outputs(engine, [second]) == _outputs(_engine(tiny, "hf_eager"), [second])
