@@ -69,6 +69,12 @@ class EngineConfig:
     # (a clear error otherwise). Decode steps of more than cuda_graph_max_bs sequences run without a graph.
     cuda_graph: bool = False
     cuda_graph_max_bs: int = 64
+    # Prefix (radix) cache: requests share the KV pages of a common token prefix (parityrt/engine/radix_cache.py;
+    # cached_tokens in meta_info). Under an invariant policy (rl_parity) a cached prefix gives the bits of
+    # recomputing it. Hybrid models keep a GDN state snapshot per cached prefix end, in prefix_cache_state_slots
+    # extra state slots (each one the size of a running request's state).
+    prefix_cache: bool = True
+    prefix_cache_state_slots: int = 32
 
 
 @dataclass(slots=True, kw_only=True)
@@ -85,6 +91,9 @@ class ServerConfig:
     max_batch: int = 256  # prompts per request (a text or input_ids list)
     max_body_bytes: int = 64 * 1024 * 1024  # request body; larger ones get 413 before they are read
     max_top_logprobs: int = 64  # top_logprobs_num and len(token_ids_logprob): streamed chunks repeat them all
+    # SGLang's --incremental-streaming-output: each /generate stream chunk carries only the new text, output ids
+    # and output-token logprobs (default: every chunk is cumulative)
+    incremental_streaming_output: bool = False
 
 
 @dataclass(slots=True, kw_only=True)

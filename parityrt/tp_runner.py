@@ -73,6 +73,8 @@ class TPDriver:
         fields = {f: getattr(batch, f).cpu() for f in _BATCH_TENSORS}
         if batch.routed_experts_TLK is not None:  # routing replay: every rank's routers take rank 0's ids
             fields["routed_experts_TLK"] = batch.routed_experts_TLK.cpu()
+        if batch.state_src_B is not None:  # the prefix cache's GDN snapshot slots, the same on every rank
+            fields["state_src_B"] = batch.state_src_B.cpu()
         stores = (self._key(batch.cache), batch.cache.rows, batch.cache.slots)
         self._send(("forward", torch.backends.mkldnn.enabled, ids_T.cpu(), pos_T.cpu(), batch.lens, fields, stores))
         return self.model(ids_T, pos_T, batch)

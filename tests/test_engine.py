@@ -208,7 +208,10 @@ def test_abort_and_memory_accounting(qwen) -> None:
     while engine.has_work():
         engine.step()
     assert all(s.finish["type"] == "length" for s in seqs[1:]) and all(len(s.output_ids) == 30 for s in seqs[1:])
-    assert len(engine.kv.free_pages) == engine.kv.num_pages and len(engine.states.free_slots) == 3
+    # idle: every page is free or the prefix cache's, which /flush_cache gives back
+    assert len(engine.kv.free_pages) + engine.scheduler.prefix.num_pages == engine.kv.num_pages
+    assert len(engine.states.free_slots) == 3 and engine.stats().num_used_tokens == 0
+    assert engine.flush_cache() and len(engine.kv.free_pages) == engine.kv.num_pages
     with pytest.raises(ValueError, match="must hold one request"):
         _engine(qwen, "rl_parity", max_seq_len=128, max_total_tokens=64)
 

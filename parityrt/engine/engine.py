@@ -7,6 +7,7 @@ cache flush, weight version and weight swap; it never sees a Sequence, the sched
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from parityrt.engine.cuda_graph import DecodeGraphs
 from parityrt.engine.kv_cache import KVPool, PagedCache, StatePool
 from parityrt.engine.model_runner import ModelRunner, SeqResult, inner_module
 from parityrt.engine.output import RequestOutput, build_output, stop_string, weight_version_spans
+from parityrt.engine.radix_cache import RadixCache
 from parityrt.engine.request import GenerateRequest
 from parityrt.engine.sampler import DEFAULT_SEED
 from parityrt.engine.scheduler import Scheduler, Sequence, Status
@@ -69,9 +71,15 @@ class Engine:
                              f"engine.max_seq_len ({cfg.max_seq_len}) tokens, or it could never run")
         self.tokenizer, self.eos, self.cfg = tokenizer, set(eos_token_ids), cfg
         self._weight_version = weight_version
-        device = next(inner_module(model).parameters()).device
-        self.states = StatePool(cfg.max_running_requests)
-        self.kv = KVPool(cfg.max_total_tokens, cfg.page_size, self.states.slots + 1, device)  # + the scratch slot
+        module = inner_module(model)
+        device = next(module.parameters()).device
+        align = chunk_alignment(module)
+        hybrid = any(getattr(m, "numerics_op", None) == "gdn" for m in module.modules())
+        snapshots = cfg.prefix_cache_state_slots if cfg.prefix_cache and hybrid else 0
+        self.states = StatePool(cfg.max_running_requests, snapshots)
+        self.kv = KVPool(cfg.max_total_tokens, cfg.page_size, self.states.total, device)  # + scratch and snapshots
+        # the prefix cache's hits start on page boundaries that are also chunk boundaries (chunked GDN)
+        prefix = RadixCache(self.kv, self.states, math.lcm(cfg.page_size, align), hybrid) if cfg.prefix_cache else None
         self.graphs = None
         if cfg.cuda_graph:
             if not isinstance(model, torch.nn.Module):
@@ -83,7 +91,7 @@ class Engine:
         self.version_events: dict[str, list[tuple[str, int]]] = {}
         self.backup = weight_update.TensorBackup()  # the weights while released (release_memory)
         self.scheduler = Scheduler(self.kv, self.states, cfg.max_running_requests, cfg.chunked_prefill_size,
-                                   chunk_alignment(inner_module(model)))
+                                   align, prefix)
         self.set_model(model, weight_version)
 
     def set_model(self, model, weight_version: str) -> None:
@@ -91,6 +99,7 @@ class Engine:
         state came from the old weights); none is lost."""
         for seq in list(self.scheduler.running):
             self.scheduler.preempt(seq)
+        self.scheduler.flush()  # the cached prefixes came from the old weights
         self.kv.clear()
         self.model = model
         self.set_weight_version(weight_version)
@@ -215,7 +224,7 @@ class Engine:
                 seq.generator.set_state(rng)
 
     def _postprocess(self, seq: Sequence, n: int, res: SeqResult) -> bool:
-        seq.num_computed += n
+        self.scheduler.advance(seq, n)
         seq.input_lp.update(res.input_lp)
         seq.routed.update(res.routed)
         seq.logits.update(res.logits)
@@ -293,15 +302,18 @@ class Engine:
                          max_running_requests=self.cfg.max_running_requests, deterministic=self.gumbel)
 
     def stats(self) -> EngineStats:
-        used = (self.kv.num_pages - len(self.kv.free_pages)) * self.kv.page_size
+        # cached pages no running request holds are free for the taking (SGLang counts them as available too)
+        evictable = self.scheduler.prefix.evictable_pages if self.scheduler.prefix is not None else 0
+        used = (self.kv.num_pages - len(self.kv.free_pages) - evictable) * self.kv.page_size
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                            num_used_tokens=used, max_total_tokens=self.kv.num_pages * self.kv.page_size)
 
     def flush_cache(self) -> bool:
-        """Drop the cached KV and GDN state (SGLang's /flush_cache); refused (False) while any request runs or
-        waits, since the cache is theirs."""
+        """Drop the cached KV and GDN state and empty the prefix cache (SGLang's /flush_cache); refused (False)
+        while any request runs or waits, since the cache is theirs."""
         if self.has_work():
             return False
+        self.scheduler.flush()
         self.kv.clear()
         return True
 

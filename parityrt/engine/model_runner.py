@@ -63,18 +63,24 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> list[SeqResult]:
         want_routes = any(s.req.return_routed_experts for s, _ in batch)
-        if self.graphs is not None and self.graphs.fits(batch):
+        # the prefix cache moves a sequence's GDN state between slots (a hit, a snapshot); graphs read and write
+        # each sequence's own slot only
+        moved = [(s.cache.state_at, s.cache.state_dst()) for s, _ in batch]
+        redirect = any(src != dst for src, dst in moved)
+        if self.graphs is not None and not redirect and self.graphs.fits(batch):
             logits, routes = self.graphs.run(batch, want_routes)
             return self._results(batch, logits, list(range(len(batch))), {i: i for i in range(len(batch))}, routes)
         ids, pos, seqs = [], [], []
-        for seq, n in batch:
+        for (seq, n), (_, dst) in zip(batch, moved):
             ids += seq.all_ids[seq.num_computed : seq.num_computed + n]
             pos += range(seq.num_computed, seq.num_computed + n)
-            seqs.append((seq.cache.pages, seq.cache.slot, seq.num_computed, n))
+            seqs.append((seq.cache.pages, dst, seq.num_computed, n))
+        src = [s for s, _ in moved]
         if self.shape_stable and (pad := -len(ids) % STABLE_ROWS):  # a throw-away sequence on the scratch pages
             ids, pos = ids + [0] * pad, pos + list(range(pad))
             seqs.append((self.kv.scratch_pages, self.states.scratch_slot, 0, pad))
-        step = ForwardBatch.from_pages(seqs, self.kv.page_size, self.kv.stores, self.device)
+            src.append(self.states.scratch_slot)
+        step = ForwardBatch.from_pages(seqs, self.kv.page_size, self.kv.stores, self.device, src if redirect else None)
         gemms = onednn(False) if self.shape_stable and self.device.type == "cpu" else nullcontext()
         with gemms, self._capture_routes(want_routes) as routes:
             if any(s.req.images is not None for s, _ in batch):  # mRoPE rows and the image tokens' embeddings

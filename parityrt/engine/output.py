@@ -60,7 +60,7 @@ class RequestOutput:
     prompt_tokens: int
     num_retractions: int
     weight_version: str  # finished: the last span's version; running: the engine's current one
-    cached_tokens: int = 0  # no prefix cache
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: Logprobs | None = None  # return_logprob
     routed_experts: np.ndarray | None = None  # finished with return_routed_experts: int32 [prompt + output - 1, layers, k]
     e2e_latency: float | None = None  # finished: seconds since arrival
@@ -80,7 +80,8 @@ class RequestOutput:
 
 
 def stop_string(seq: Sequence, tokenizer: Tokenizer) -> str | None:
-    """The stop string or regex match in the text generated so far, checked after every new token.
+    """The stop string or stop regex (its pattern, as SGLang reports it) found in the text generated so far,
+    checked after every new token.
 
     Stop strings: a match not found at the previous token must end in the newest one, so only the last tokens are
     decoded: every token adds at least one byte, so a stop of b bytes spans at most b tokens, plus 3 for a
@@ -99,7 +100,9 @@ def stop_string(seq: Sequence, tokenizer: Tokenizer) -> str | None:
     if not sp.stop_regex:
         return None
     text = tokenizer.decode(seq.output_ids, skip_special_tokens=skip)
-    return next((m.group(0) for p in sp.stop_regex if (m := compile_stop_regex(p).search(text))), None)
+    # SGLang (FINISHED_MATCHED_REGEX) reports the pattern, not the text it matched; its trim then looks for the
+    # pattern literally in the text (output_text below), so a regex stop's text is usually not cut
+    return next((p for p in sp.stop_regex if compile_stop_regex(p).search(text)), None)
 
 
 def output_text(seq: Sequence, tokenizer: Tokenizer) -> str:
@@ -151,7 +154,7 @@ def build_output(seq: Sequence, tokenizer: Tokenizer | None, weight_version: str
     return RequestOutput(
         rid=req.rid, text=output_text(seq, tokenizer) if tokenizer is not None else None, output_ids=list(seq.output_ids),
         finish_reason=seq.finish if finished else None, prompt_tokens=seq.prompt_len,
-        num_retractions=seq.num_retractions, weight_version=weight_version,
+        num_retractions=seq.num_retractions, weight_version=weight_version, cached_tokens=seq.cached_tokens,
         logprobs=_logprobs(seq, tokenizer) if req.return_logprob else None, routed_experts=routed,
         e2e_latency=time.perf_counter() - seq.arrival if finished else None,
         weight_versions=spans if finished else None,

@@ -77,6 +77,9 @@ class ForwardBatch:
     # routing replay (R3): the expert ids each token must take, [T, MoE layers, top-k] (the server's
     # return_routed_experts, in router order); None: every router chooses
     routed_experts_TLK: torch.Tensor | None = None
+    # int64 [B]: the slot each sequence's GDN state is read from when it is not state_slot_B (the engine's prefix
+    # cache: a hit starts from a snapshot slot, a snapshot step writes to one); None: read state_slot_B
+    state_src_B: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -94,9 +97,10 @@ class ForwardBatch:
 
     @classmethod
     def from_pages(cls, seqs: list[tuple[list[int], int, int, int]], page_size: int, cache: Cache,
-                   device: torch.device | str) -> ForwardBatch:
+                   device: torch.device | str, state_src: list[int] | None = None) -> ForwardBatch:
         """As from_rows, with each sequence's rows given by its pages (position p is row
-        pages[p // page_size] * page_size + p % page_size); the key rows are expanded on the device."""
+        pages[p // page_size] * page_size + p % page_size); the key rows are expanded on the device. state_src:
+        per sequence, the slot its GDN state is read from (default: its state slot, which it is written to)."""
         lens = [new for _, _, _, new in seqs]
         slots = [pages[p // page_size] * page_size + p % page_size
                  for pages, _, cached, new in seqs for p in range(cached, cached + new)]
@@ -107,7 +111,10 @@ class ForwardBatch:
         rows_BL = (table_BP[:, :, None] * page_size + torch.arange(page_size, device=device)).flatten(1)
         lens_B = torch.tensor(kv_lens, dtype=torch.int64).to(device, non_blocking=True)
         kv_rows = rows_BL[torch.arange(rows_BL.shape[1], device=device)[None, :] < lens_B[:, None]]
-        return cls._on(lens, slots, kv_rows, kv_lens, [s for _, s, _, _ in seqs], cache, device)
+        batch = cls._on(lens, slots, kv_rows, kv_lens, [s for _, s, _, _ in seqs], cache, device)
+        if state_src is not None:
+            batch.state_src_B = torch.tensor(state_src, dtype=torch.int64).to(device, non_blocking=True)
+        return batch
 
     @classmethod
     def _on(cls, lens: list[int], slots: list[int], kv_rows: list[int] | torch.Tensor, kv_lens: list[int],

@@ -45,10 +45,12 @@ class GatedDeltaNet(nn.Module):
         conv_like = qkv_TC.new_empty(1, qkv_TC.shape[1], self.conv_weight.shape[1] - 1)
         rec_like = torch.empty(1, self.v_heads, self.k_dim, self.v_dim, dtype=torch.float32)
         conv_pool, rec_pool = batch.cache.state(self.layer_idx, conv_like, rec_like)
-        # each sequence's state before this step: its slot's, or zeros for a sequence that starts here
+        # each sequence's state before this step: its slot's (or the prefix cache's snapshot slot it starts
+        # from), or zeros for a sequence that starts here
         fresh_B = ~batch.has_state_B
-        conv_B = conv_pool.index_select(0, batch.state_slot_B).masked_fill(fresh_B[:, None, None], 0)
-        rec_B = rec_pool.index_select(0, batch.state_slot_B).masked_fill(fresh_B[:, None, None, None], 0)
+        src_B = batch.state_slot_B if batch.state_src_B is None else batch.state_src_B
+        conv_B = conv_pool.index_select(0, src_B).masked_fill(fresh_B[:, None, None], 0)
+        rec_B = rec_pool.index_select(0, src_B).masked_fill(fresh_B[:, None, None, None], 0)
         triton = self.nx.impl == Impl.triton  # the kernel set also fixes the conv's tap order
         if triton:
             qkv_TC, conv_out = causal_conv1d_taps_varlen(qkv_TC, self.conv_weight, conv_B, batch.cu_seqlens_q)
