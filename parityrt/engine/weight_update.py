@@ -77,9 +77,12 @@ def stage(module: nn.Module, named: list[tuple[str, torch.Tensor]]) -> list[_Tar
 @torch.no_grad()
 def commit(module: nn.Module, targets: list[_Target]) -> list[str]:
     """Load staged tensors into the live parameters (in place). Returns the parameters written."""
+    # every tensor on the parameters' device first: an allocation that fails (out of memory) fails here, before
+    # any parameter changed; the loaders then only copy in place
+    moved = [t.tensor.to(t.param.device) for t in targets]
     written: dict[str, None] = {}
-    for t in targets:
-        t.param.weight_loader(t.param, t.tensor.to(t.param.device), t.shard)
+    for t, tensor in zip(targets, moved):
+        t.param.weight_loader(t.param, tensor, t.shard)
         written[t.param_name] = None
     params = dict(module.named_parameters())
     # as at load (parityrt/weights.py): a tied head takes the embedding unless the update sent the head itself

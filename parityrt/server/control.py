@@ -67,7 +67,7 @@ def add_control_routes(app: FastAPI, state: ServerState, version: str) -> None:
     groups = UpdateGroups(WEIGHT_SYNC_TIMEOUT_S)
     worker = state.worker
 
-    async def apply_update(named_fn, abort_all: bool, flush: bool, version: str | None) -> JSONResponse:
+    async def apply_update(named_fn, abort_all: bool, flush: bool, weight_version: str | None) -> JSONResponse:
         """Receive (named_fn, on a worker thread) and load one update under the model-update lock."""
         if abort_all:
             await worker.call(lambda: worker.abort(None))
@@ -80,8 +80,8 @@ def add_control_routes(app: FastAPI, state: ServerState, version: str) -> None:
 
             def load() -> list[str]:  # one engine command: no step sees half an update
                 written = state.engine.update_weights(named)
-                if version is not None:
-                    state.engine.set_weight_version(version)
+                if weight_version is not None:
+                    state.engine.set_weight_version(weight_version)
                 if flush:
                     state.engine.flush_cache()
                 return written
@@ -92,8 +92,8 @@ def add_control_routes(app: FastAPI, state: ServerState, version: str) -> None:
                 return _result(False, f"Failed to update weights: {e}. The old weights keep serving.")
         state.weight_updates += 1
         message = f"Succeeded to update model weights ({len(named)} tensors, {len(written)} parameters)."
-        if version is not None:
-            message += f" Weight version updated to {version}."
+        if weight_version is not None:
+            message += f" Weight version updated to {weight_version}."
         return _result(True, message)
 
     # ---- weight sync --------------------------------------------------------------------------------------------
