@@ -15,16 +15,18 @@ import torch
 from parityrt.config import EngineConfig
 from parityrt.engine.engine import Engine
 from parityrt.engine.request import GenerateRequest, SamplingParams
-from parityrt.server.protocol.generate import parse_generate
+from parityrt.server.protocol.generate import ImagePrep, parse_generate
 from parityrt.server.protocol.response import generate_response
 from parityrt.tokenizer import Tokenizer
 
 __all__ = ["GenerateRequest", "Generator", "SamplingParams", "parse_records", "parse_request"]
 
 
-def parse_records(record: Any, tokenizer: Tokenizer, vocab_size: int, max_seq_len: int) -> list[GenerateRequest]:
-    """One /generate record (a single prompt, a batch, or n > 1) -> one GenerateRequest per sample."""
-    return parse_generate(record, tokenizer, vocab_size, max_seq_len)[0]
+def parse_records(record: Any, tokenizer: Tokenizer, vocab_size: int, max_seq_len: int,
+                  images: ImagePrep | None = None) -> list[GenerateRequest]:
+    """One /generate record (a single prompt, a batch, or n > 1) -> one GenerateRequest per sample. images: the
+    model's image path (parityrt.runtime.image_prep) for records with image_data."""
+    return parse_generate(record, tokenizer, vocab_size, max_seq_len, images=images)[0]
 
 
 def parse_request(record: Any, tokenizer: Tokenizer, vocab_size: int, max_seq_len: int) -> GenerateRequest:

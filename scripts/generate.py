@@ -4,6 +4,7 @@ per sample (a record with a batch of prompts or n > 1 gives several lines).
 
     python scripts/generate.py model=qwen3_5_moe_tiny numerics=hf_eager input=examples/prompts.jsonl output=out.jsonl
     python scripts/generate.py model=qwen3_5_moe model.path=DIR numerics=hf_eager input=requests.jsonl
+    python scripts/generate.py model=qwen3_5_moe_vl_tiny input=examples/image_prompts.jsonl  # records with image_data
 
 The run directory (Hydra's) holds config.yaml, numerics_resolved.json, the outputs (default outputs.jsonl) and,
 with engine.dump_logits=true, logits.pt (fp32 logits of every scored position, per request).
@@ -27,7 +28,7 @@ from parityrt.config import to_run_config
 from parityrt.engine.engine import Engine
 from parityrt.generation import parse_records
 from parityrt.parity.io import read_jsonl
-from parityrt.runtime import close_runtime, load_runtime, write_run_files
+from parityrt.runtime import close_runtime, image_prep, load_runtime, write_run_files
 from parityrt.server.protocol.response import generate_response
 
 
@@ -41,10 +42,10 @@ def main(cfg: DictConfig) -> None:
     records = read_jsonl(Path(run.input))
     rt = load_runtime(run)
     write_run_files(run_dir, run, rt)
-    requests = []
+    requests, images = [], image_prep(rt)  # records may carry SGLang's image_data for a vision model
     for n, rec in enumerate(records, 1):
         try:
-            requests += parse_records(rec, rt.tokenizer, rt.model.args.vocab_size, run.engine.max_seq_len)
+            requests += parse_records(rec, rt.tokenizer, rt.model.args.vocab_size, run.engine.max_seq_len, images)
         except ValueError as e:
             raise ValueError(f"{run.input}:{n}: {e}") from None
     if run.engine.dump_logits:

@@ -555,3 +555,22 @@ def test_same_ids_other_image_in_one_engine(tiny) -> None:
     engine = _engine(tiny, "hf_eager")
     _outputs(engine, [first])
     assert _outputs(engine, [second]) == _outputs(_engine(tiny, "hf_eager"), [second])
+
+
+def test_example_image_records_parse() -> None:
+    """examples/image_prompts.jsonl (scripts/generate.py model=qwen3_5_moe_vl_tiny): image paths, placeholders in
+    the text, one and two images, and a text record."""
+    from parityrt.config import compose_run
+    from parityrt.generation import parse_records
+    from parityrt.parity.io import read_jsonl
+    from parityrt.tokenizer import Tokenizer
+    from parityrt.vision.qwen_processor import QwenImagePrep
+
+    repo = Path(__file__).resolve().parents[1]
+    tok = Tokenizer.from_dir(compose_run(["model=qwen3_5_moe_vl_tiny"]).model.tokenizer_path)
+    prep = QwenImagePrep(cfg=QwenImageConfig(), image_token_id=IMAGE)
+    records = [{**r, "image_data": [str(repo / p) for p in ([r["image_data"]] if isinstance(r["image_data"], str) else r["image_data"])]}
+               if "image_data" in r else r for r in read_jsonl(repo / "examples" / "image_prompts.jsonl")]
+    reqs = [q for r in records for q in parse_records(r, tok, 2056, 4096, prep)]
+    assert [len(q.images.grid_thw) if q.images else 0 for q in reqs] == [1, 2, 0]
+    assert [q.input_ids.count(IMAGE) for q in reqs] == [64, 64 + 77, 0]
