@@ -73,6 +73,8 @@ def test_trainer_forward_is_the_servers_whatever_the_packing(setup) -> None:
     train.eval()
     with torch.no_grad():  # eval mode, no autograd
         assert [lp.tolist() for lp in train(samples)] == want
+    with pytest.raises(ValueError, match=r"sample 0 has token ids outside the vocabulary"):  # checked on the host
+        train([Sample([1, train.model.args.vocab_size], 0), samples[0]])
 
 
 def test_backward_is_finite_and_deterministic(setup) -> None:

@@ -22,10 +22,10 @@ class Embedding(nn.Module):
         self.weight = make_param(loader.local_sizes[0], hidden, dtype=dtype, loader=loader)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # the range check reads the ids on the host: not while a CUDA graph is captured (its ids buffer is filled
-        # from requests already checked against the vocabulary)
-        capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if ids.numel() and not capturing and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
+        # the range check reads the ids on the host, so it runs on CPU tensors only: on a GPU it would sync every
+        # forward (and cannot run inside a CUDA graph). The callers that feed a GPU check their host-side ids
+        # first: the server's request parsing (parityrt/server/protocol/generate.py) and TrainModel.forward.
+        if not ids.is_cuda and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
             raise ValueError(f"token id out of range [0, {self.vocab})")
         tp = self.tp
         if tp.local_parts == 1:

@@ -95,6 +95,9 @@ class TrainModel(nn.Module):
             return []
         lens = [len(s.ids) for s in samples]
         ids = [t for s in samples for t in s.ids]
+        vocab = self.model.args.vocab_size
+        if (bad := next((i for i, s in enumerate(samples) if any(not 0 <= t < vocab for t in s.ids)), None)) is not None:
+            raise ValueError(f"sample {bad} has token ids outside the vocabulary [0, {vocab})")
         pos = [p for n in lens for p in range(n)]
         routed = [s.routed_experts_LK for s in samples]
         if self.policy.shape_stable and (pad := -len(ids) % STABLE_ROWS):  # the engine's padding sequence
