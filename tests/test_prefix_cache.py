@@ -195,6 +195,7 @@ def test_radix_tree() -> None:
     # aligned to 8 tokens: a 12-token match ends at 8; the limit counts tokens
     assert [n.page for n in tree.match(a, 12)] == pages_a[:2] and tree.match(a, 7) == []
     assert tree.match([100, 101, 102, 999] + a[4:], 12) == []
+    assert tree.match(a, 12, space="images") == []  # prompts with images have a tree of their own
     b = a[:8] + [7, 7, 7, 7]
     pages_b = [n.page for n in path_a[:2]] + take(1)
     path_b = tree.insert(b, pages_b, path_a[:2])

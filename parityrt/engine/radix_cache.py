@@ -12,6 +12,10 @@ taken where the scheduler cuts a prompt's prefill at an aligned boundary (parity
 state in the slot is exactly the state the uncached run has there: under an invariant policy (rl_parity) the cached
 prefix gives the same bits as recomputing it.
 
+Requests with images key their tokens in a space of their own (an image's placeholder ids do not say which image
+it was, and their positions are not a text request's): `space` picks a tree root, and the scheduler ends their
+hits and insertions before the first image token.
+
 Hits start at multiples of `align` tokens (the page size, times the GDN chunk when the policy runs chunked GDN), so
 the continuation's chunk partition is one the uncached run could take. Nodes no running request holds (refs 0)
 are evicted least recently used first when pages or snapshot slots run out.
@@ -20,6 +24,7 @@ are evicted least recently used first when pages or snapshot slots run out.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Hashable
 from itertools import count
 
 from parityrt.engine.kv_cache import KVPool, StatePool
@@ -42,7 +47,7 @@ class RadixCache:
             raise ValueError(f"prefix cache alignment {align} is not a multiple of the page size {kv.page_size}")
         self.kv, self.states, self.align, self.needs_state = kv, states, align, needs_state
         self.page_size = kv.page_size
-        self.root = Node((), -1, None)
+        self.roots: dict[Hashable, Node] = {}  # one tree per key space (text; prompts with images)
         self._clock = count(1)
         self.num_pages = 0  # pages the tree holds
         self.num_locked = 0  # ... of which a running request holds
@@ -55,10 +60,13 @@ class RadixCache:
         p = self.page_size
         return [tuple(tokens[i * p : (i + 1) * p]) for i in range(pages)]
 
-    def match(self, tokens: list[int], limit: int) -> list[Node]:
+    def root(self, space: Hashable = None) -> Node:
+        return self.roots.setdefault(space, Node((), -1, None))
+
+    def match(self, tokens: list[int], limit: int, space: Hashable = None) -> list[Node]:
         """The cached path for `tokens`, at most `limit` tokens long, ending on an aligned boundary (and, for a
         hybrid model, at a node with a state snapshot); [] when nothing usable is cached. Touches the path."""
-        node, path = self.root, []
+        node, path = self.root(space), []
         for key in self._keys(tokens, limit // self.page_size):
             if (node := node.children.get(key)) is None:
                 break
@@ -89,14 +97,15 @@ class RadixCache:
             if n.refs == 0:
                 self.num_locked -= 1
 
-    def insert(self, tokens: list[int], pages: list[int], shared: list[Node], state: int | None = None) -> list[Node]:
+    def insert(self, tokens: list[int], pages: list[int], shared: list[Node], state: int | None = None,
+               space: Hashable = None) -> list[Node]:
         """Put a request's first len(pages) full pages into the tree: `shared` is the path it already holds (its
         first pages), the pages after it are the request's own. Returns its new locked path; the pages the tree
         took are no longer the request's. Where another request already put the same tokens under another page,
         insertion stops: the rest stays the request's own (its page table is never rewritten under it). `state`,
         a snapshot slot after the last page, goes to the last node when that node has none; the tree owns it
         then (the caller checks `path[-1].state == state`)."""
-        node, path = (shared[-1] if shared else self.root), list(shared)
+        node, path = (shared[-1] if shared else self.root(space)), list(shared)
         keys = self._keys(tokens, len(pages))
         for i in range(len(shared), len(pages)):
             child = node.children.get(keys[i])
@@ -124,7 +133,7 @@ class RadixCache:
             _, _, n = heapq.heappop(heap)
             parent = self._drop(n)
             freed += 1
-            if parent is not self.root and not parent.children and parent.refs == 0:
+            if parent.parent is not None and not parent.children and parent.refs == 0:
                 heapq.heappush(heap, (parent.last_use, id(parent), parent))
         return freed
 
@@ -137,7 +146,7 @@ class RadixCache:
         n = min(held, key=lambda n: n.last_use)
         self.states.free_snapshots.append(n.state)
         n.state = None
-        while n is not self.root and not n.children and n.refs == 0 and n.state is None:
+        while n.parent is not None and not n.children and n.refs == 0 and n.state is None:
             n = self._drop(n)
         return True
 
@@ -158,11 +167,11 @@ class RadixCache:
             self.kv.free_pages.append(n.page)
             if n.state is not None:
                 self.states.free_snapshots.append(n.state)
-        self.root = Node((), -1, None)
+        self.roots = {}
         self.num_pages = 0
 
     def _nodes(self) -> list[Node]:
-        out, todo = [], list(self.root.children.values())
+        out, todo = [], [n for root in self.roots.values() for n in root.children.values()]
         while todo:
             n = todo.pop()
             out.append(n)

@@ -127,7 +127,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Give a waiting sequence its cache (starting after its prefix hit) and pages for its first chunk; the
         chunk's size, or 0 (nothing taken) when it does not fit."""
-        path = self.prefix.match(seq.all_ids, self._match_limit(seq)) if self.prefix is not None else []
+        path = self.prefix.match(seq.all_ids, self._match_limit(seq), _space(seq)) if self.prefix is not None else []
         hit = len(path) * self.kv.page_size
         seq.num_computed = hit
         seq.snapshot_at = None
@@ -154,7 +154,7 @@ class Scheduler:
     def _match_limit(self, seq: Sequence) -> int:
         """How much of the sequence may come from the cache: all but its last token (whose logits sample), and
         none of the positions whose rows the request wants (input logprobs, logits, routed experts)."""
-        req, limit = seq.req, len(seq.all_ids) - 1
+        req, limit = seq.req, min(len(seq.all_ids) - 1, _shareable(seq))
         if req.keep_logits or req.return_routed_experts:
             return 0
         if req.return_logprob and req.logprob_start_len >= 0:
@@ -199,9 +199,10 @@ class Scheduler:
         if tokens > _before_images(seq):  # the tree is keyed by ids: an image's placeholder ids are not its pixels
             return
         cache = seq.cache
+        tokens = min(tokens, _shareable(seq))
         pages = tokens // self.prefix.align * self.prefix.align // self.kv.page_size
         if pages > len(cache.shared):
-            cache.shared = self.prefix.insert(seq.all_ids, cache.pages[:pages], cache.shared, state)
+            cache.shared = self.prefix.insert(seq.all_ids, cache.pages[:pages], cache.shared, state, _space(seq))
 
     def preempt(self, seq: Sequence) -> None:
         """Free the sequence's state and requeue it first; its generated tokens are kept and recomputed."""
@@ -241,5 +242,19 @@ def _before_images(seq: Sequence) -> int:
     through the prefix cache, whose key (the token ids) does not see the images."""
     images = seq.req.images
     if images is None:
+        return len(seq.all_ids)
+    return seq.req.input_ids.index(images.image_token_id)
+
+
+def _space(seq: Sequence) -> str | None:
+    """The prefix cache's key space: prompts with images apart from text ones (their rows take other positions)."""
+    return None if seq.req.images is None else "images"
+
+
+def _shareable(seq: Sequence) -> int:
+    """How many leading tokens another request with the same ids computes identically: all of them, or for a
+    prompt with images those before its first image token (the placeholder ids do not name the image)."""
+    images = seq.req.images
+    if images is None or images.image_token_id not in seq.req.input_ids:
         return len(seq.all_ids)
     return seq.req.input_ids.index(images.image_token_id)
