@@ -13,7 +13,13 @@ from parityrt.train.weight_sync import WeightSync
 
 
 def tensors(ckpt: str, kind: str) -> list[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors (HF names, served dtypes), or a corrupted update of them."""
+    """The checkpoint's tensors (HF names, served dtypes), or a corrupted update of them. "train": a TrainModel's
+    weights as parityrt/train/weight_sync.py exports them (checkpoint_tensors)."""
+    if kind == "train":
+        from parityrt.train.model import TrainModel
+        from parityrt.train.weight_sync import checkpoint_tensors
+
+        return checkpoint_tensors(TrainModel.from_pretrained(ckpt, "rl_parity"))
     good = list(load_file(f"{ckpt}/model.safetensors").items())
     name, t = next((n, t) for n, t in good if n.endswith("layers.0.mlp.gate.weight"))
     embed = next((n, t) for n, t in good if n.endswith("embed_tokens.weight"))

@@ -128,6 +128,18 @@ def test_a_trainer_broadcast_serves_what_a_server_started_from_those_weights_ser
     assert _bits(srv) == before
 
 
+def test_a_train_models_weights_sync_bitwise(srv, trainer, ckpts, seed1_bits):
+    """checkpoint_tensors(TrainModel) -> the group: the trainer's own parameters (our names mapped back to the
+    checkpoint layout) serve what the checkpoint serves."""
+    before = _bits(srv)
+    trainer.ok("init")
+    assert trainer.ok("update", ckpt=ckpts[1], kind="train", weight_version="trained")["success"] is True
+    assert _bits(srv) == seed1_bits
+    trainer.ok("update", ckpt=ckpts[0], kind="train", weight_version="default")
+    assert _bits(srv) == before
+    trainer.ok("destroy")
+
+
 def test_update_weights_from_tensor_shared_memory_and_safetensors(srv, trainer, ckpts, seed1_bits):
     before = _bits(srv)
     for fmt in (None, "safetensors"):
