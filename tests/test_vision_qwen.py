@@ -574,3 +574,26 @@ def test_example_image_records_parse() -> None:
     reqs = [q for r in records for q in parse_records(r, tok, 2056, 4096, prep)]
     assert [len(q.images.grid_thw) if q.images else 0 for q in reqs] == [1, 2, 0]
     assert [q.input_ids.count(IMAGE) for q in reqs] == [64, 64 + 77, 0]
+
+
+def test_trainer_scores_image_requests_as_the_engine(tiny, tmp_path) -> None:
+    """TrainModel (autograd on) scores the engine's image rollouts in one packed micro-batch with the engine's
+    logprobs bit for bit under rl_parity (each sample's images encoded on their own, the same splice and
+    positions), and the loss reaches the vision tower."""
+    from parityrt.train.model import Sample, TrainModel
+
+    requests = [_request(i, ids, images, SMALL) for i, (ids, images) in enumerate(MIXED[:2])]
+    outs = _outputs(_engine(tiny, "rl_parity"), requests)
+    cfg = dataclasses.replace(tiny_model_config("qwen3_5_moe_vl_tiny"), cache_dir=str(tmp_path))
+    trainer = TrainModel.from_config(cfg, "rl_parity")
+    with torch.no_grad():  # the same weights as the engine's model (another seed-generated cache dir)
+        for (_, a), (_, b) in zip(trainer.model.named_parameters(), tiny.named_parameters()):
+            a.copy_(b)
+    samples = [Sample(ids=r.input_ids + out, score_from=len(r.input_ids) - 1, temperature=0.8, images=r.images)
+               for r, (out, _) in zip(requests, outs)]
+    got = trainer(samples)
+    for lp, (_, served) in zip(got, outs):
+        assert lp.tolist() == [e[0] for e in served]
+    sum(lp.sum() for lp in got).backward()
+    grad = trainer.model.visual.blocks[0].attn.qkv.weight.grad
+    assert grad is not None and grad.abs().sum() > 0

@@ -27,6 +27,7 @@ from parityrt.engine.sampler import sampling_tensors
 from parityrt.engine.scheduler import Sequence
 from parityrt.layers.cache import ForwardBatch
 from parityrt.numerics import STABLE_ROWS, onednn
+from parityrt.vision.splice import Part, image_step_inputs
 
 assert STABLE_ROWS - 1 <= SCRATCH_TOKENS  # the padding sequence fits in the scratch pages
 TopList = list[tuple[float, int]]
@@ -93,33 +94,12 @@ class ModelRunner:
         return self._results(batch, logits, rows, owners, routes)
 
     def _image_inputs(self, batch: list[tuple[Sequence, int]], total: int) -> tuple[torch.Tensor, dict]:
-        """Positions [3, total] for a step with images (text and padding rows repeat one position on every axis; a
-        token past an image prompt sits at p + rope_delta) and the embeddings of the step's image tokens, each
-        request's images encoded on their own so that their bits do not depend on the batch."""
+        """Positions [3, total] for a step with images and the embeddings of its image tokens (parityrt/vision/
+        splice.py: each request's images encoded on their own, so their bits do not depend on the batch)."""
         if not isinstance(self.model, nn.Module):
             raise ValueError("images need a single-process model (parallel.tp_size=1 or virtual TP)")
-        rows, embeds, mask = [], [], []
-        for seq, n in batch:
-            start, img, prompt = seq.num_computed, seq.req.images, seq.prompt_len
-            if img is None:
-                rows.append(torch.arange(start, start + n).expand(3, -1))
-                mask.append(torch.zeros(n, dtype=torch.bool))
-                continue
-            decode = torch.arange(max(start, prompt), max(start + n, prompt)) + img.rope_delta
-            rows.append(torch.cat([img.positions[:, start : min(start + n, prompt)], decode.expand(3, -1)], dim=1))
-            is_image = torch.tensor(seq.req.input_ids[start : start + n]) == img.image_token_id
-            mask.append(torch.cat([is_image, torch.zeros(n - is_image.shape[0], dtype=torch.bool)]))
-            if k := int(is_image.sum()):
-                first = seq.req.input_ids[:start].count(img.image_token_id)
-                encoded = self.module.encode_images(img.pixel_values.to(self.device), img.grid_thw)
-                embeds.append(encoded[first : first + k])
-        pad = total - sum(n for _, n in batch)
-        rows.append(torch.arange(pad).expand(3, -1))
-        mask.append(torch.zeros(pad, dtype=torch.bool))
-        pos = torch.cat(rows, dim=1).to(self.device)
-        if not embeds:
-            return pos, {}
-        return pos, {"image_embeds": torch.cat(embeds), "image_mask_T": torch.cat(mask).to(self.device)}
+        parts = [Part(seq.req.images, seq.req.input_ids, seq.num_computed, n) for seq, n in batch]
+        return image_step_inputs(self.module.encode_images, parts, total, self.device)
 
     def _logit_rows(self, batch: list[tuple[Sequence, int]], total: int) -> tuple[list[int], dict[int, int]]:
         """Rows of h whose logits are needed: the last row of a sequence that samples, prompt rows whose next

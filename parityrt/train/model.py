@@ -26,6 +26,8 @@ from parityrt.fingerprint import check_server_fingerprint, numerics_fingerprint
 from parityrt.layers.cache import ForwardBatch
 from parityrt.numerics import STABLE_ROWS, NumericsPolicy, bind, onednn
 from parityrt.routing_replay import OWN_CHOICE
+from parityrt.vision.inputs import ImageInputs
+from parityrt.vision.splice import Part, image_step_inputs
 from parityrt.weights import build_model
 
 
@@ -39,6 +41,9 @@ class Sample:
     score_from: int
     temperature: float = 1.0
     routed_experts_LK: torch.Tensor | None = None  # [len(ids), MoE layers, top-k]: routing replay (R3)
+    # a prompt with images (the server's GenerateRequest.images: placeholders expanded, its mRoPE rows); the prompt
+    # is ids[: images.positions.shape[1]], the output tokens sit at p + rope_delta
+    images: ImageInputs | None = None
 
     @property
     def targets(self) -> list[int]:
@@ -114,7 +119,13 @@ class TrainModel(nn.Module):
             batch.routed_experts_TLK = torch.cat(routed + filler).to(dev)
         cpu_stable = self.policy.shape_stable and dev.type == "cpu"
         with onednn(False) if cpu_stable else nullcontext():
-            h = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), batch)
+            if any(s.images is not None for s in samples):  # mRoPE rows; each sample's images encoded on their own
+                parts = [Part(s.images, s.ids[: s.images.positions.shape[1]] if s.images else s.ids, 0, len(s.ids))
+                         for s in samples]
+                pos_t, extra = image_step_inputs(self.model.encode_images, parts, len(ids), dev)
+            else:
+                pos_t, extra = torch.tensor(pos, device=dev), {}
+            h = self.model(torch.tensor(ids, device=dev), pos_t, batch, **extra)
             logits = self.model.compute_logits(h)  # every row: the padded T keeps the lm_head GEMM shape-stable
             out, start = [], 0
             for s, n in zip(samples, lens):

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from parityrt.engine.request import ImageInputs
 from parityrt.vision.images import ImageError, load_image
+from parityrt.vision.inputs import ImageInputs
 
 
 @dataclass(slots=True, kw_only=True)
