@@ -167,9 +167,10 @@ def _prompt(images: list[Image.Image], seed: int, texts: int = 3) -> tuple[list[
 
 
 def _ours_logits(model, ids: list[int], pix, grid) -> torch.Tensor:
+    dev = next(model.parameters()).device
     with torch.no_grad():
-        emb = model.encode_images(pix, grid) if pix is not None else None
-        h = model(torch.tensor(ids), torch.arange(len(ids)), ForwardBatch.packed([len(ids)], "cpu"), emb)
+        emb = model.encode_images(pix.to(dev), grid) if pix is not None else None
+        h = model(torch.tensor(ids, device=dev), torch.arange(len(ids), device=dev), ForwardBatch.packed([len(ids)], dev), emb)
         return model.compute_logits(h)
 
 
@@ -193,8 +194,10 @@ def first_differing_module(model, hf, ids, pix, grid) -> str | None:
                 lambda m, a, o, key=(side, ours): outs.__setitem__(key, o if torch.is_tensor(o) else o[0])))
     try:
         _ours_logits(model, ids, pix, grid)
+        dev = next(model.parameters()).device
         with torch.no_grad():
-            hf(input_ids=torch.tensor(ids)[None], pixel_values=pix.to(torch.bfloat16), image_grid_thw=grid)
+            hf(input_ids=torch.tensor(ids, device=dev)[None], pixel_values=pix.to(dev, torch.bfloat16),
+               image_grid_thw=grid.to(dev))
     finally:
         for h in hooks:
             h.remove()
@@ -434,3 +437,46 @@ def test_engine_shaped_inputs(tiny) -> None:
         ids_T = torch.tensor(ids)
         h = model(ids_T, inputs.positions, ForwardBatch.packed([len(ids)], "cpu"), emb, image_mask_T=ids_T == IMAGE)
         assert torch.equal(model.compute_logits(h), ref)
+
+
+# ---- on a GPU: the released MoonViT's dimensions -----------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_real_sized_moonvit_bitwise_on_gpu(tmp_path) -> None:
+    """A real-sized MoonViT (random weights: 27 blocks of 1152, 16 heads, 64x64 position grid, the 4608 -> text
+    projector) in front of the tiny text model, on one GPU under hf_eager vs transformers' eager model on the same
+    GPU: image embeddings and bf16 logits bitwise for an 896x896 image (64x64 patches: identity resample), a ragged
+    500x333 one, and both in one prompt."""
+    import dataclasses
+
+    from parityrt.weights import ensure_generated_checkpoint
+
+    base = tiny_model_config("kimi_k25_vl_tiny")
+    vision = {**CFG["vision_config"], "hidden_size": 1152, "num_attention_heads": 16, "num_hidden_layers": 27,
+              "intermediate_size": 4304, "pos_emb_height": 64, "pos_emb_width": 64}
+    cfg = dataclasses.replace(base, name="kimi_k25_vl_real_vit", cache_dir=str(tmp_path), device="cuda",
+                              hf_config={**CFG, "vision_config": vision, "projection_hidden_size": 1152})
+    ckpt = ensure_generated_checkpoint(cfg)
+    ours, _ = build_model(dataclasses.replace(cfg, path=str(ckpt)))
+    bind(ours, load_preset("hf_eager"))
+    hf = _hf(ckpt, "eager").to("cuda")
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True  # the same conv algorithm for both Conv2d calls
+    try:
+        for images in ([make_image(896, 896, 10)], [make_image(500, 333, 11)], [make_image(896, 896, 10), make_image(500, 333, 11)]):
+            ids, pix, grid = _prompt(images, seed=5)
+            if len(images) == 1 and images[0].width == 896:
+                assert grid.tolist() == [[1, 64, 64]]
+            ids_T, pix, grid = torch.tensor(ids, device="cuda"), pix.cuda(), grid.cuda()
+            with torch.no_grad():
+                ref_emb = torch.cat(hf.model.get_image_features(pix.to(torch.bfloat16), grid).pooler_output)
+                ref = hf(input_ids=ids_T[None], pixel_values=pix.to(torch.bfloat16), image_grid_thw=grid).logits[0]
+                emb = ours.encode_images(pix, grid)
+                h = ours(ids_T, torch.arange(len(ids), device="cuda"), ForwardBatch.packed([len(ids)], "cuda"), emb)
+                logits = ours.compute_logits(h)
+            where = None if torch.equal(emb, ref_emb) else first_differing_module(ours, hf, ids, pix, grid)
+            assert torch.equal(emb, ref_emb), f"{grid.tolist()}: image embeddings differ, first at {where}"
+            assert torch.equal(logits, ref), f"{grid.tolist()}: logits differ by {(logits.float() - ref.float()).abs().max()}"
+    finally:
+        torch.backends.cudnn.deterministic = saved
