@@ -480,3 +480,27 @@ def test_real_sized_moonvit_bitwise_on_gpu(tmp_path) -> None:
             assert torch.equal(logits, ref), f"{grid.tolist()}: logits differ by {(logits.float() - ref.float()).abs().max()}"
     finally:
         torch.backends.cudnn.deterministic = saved
+
+
+def test_image_prep_for_the_server(tmp_path) -> None:
+    """KimiImagePrep (the server's image_data path for Kimi): a local path and raw bytes decode to the processor's
+    bits; placeholder/image count mismatches and corrupt bytes are ImageErrors (a 400), before any processing."""
+    import io
+
+    from parityrt.vision.images import ImageError
+    from parityrt.vision.kimi_processor import KimiImagePrep
+
+    image = make_image(126, 70, seed=9)
+    path = tmp_path / "a.png"
+    image.save(path)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    prep = KimiImagePrep(processor=KimiImageProcessor(), image_token_id=IMAGE)
+    ids, inputs = prep.prepare([1, BEGIN, IMAGE, END, 2, BEGIN, IMAGE, END], [str(path), buf.getvalue()])
+    pix, grid = KimiImageProcessor()([image, image])
+    assert torch.equal(inputs.pixel_values, pix) and inputs.grid_thw == [tuple(g) for g in grid.tolist()]
+    assert ids.count(IMAGE) == 2 * 15
+    with pytest.raises(ImageError, match="1 image placeholders for 2 images"):
+        prep.prepare([1, IMAGE], [str(path), str(path)])
+    with pytest.raises(ImageError):
+        prep.prepare([1, IMAGE], [b"not an image"])

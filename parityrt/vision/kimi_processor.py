@@ -129,3 +129,24 @@ def kimi_image_inputs(ids: Sequence[int], images: Sequence[Image.Image], process
     positions = torch.arange(len(expanded)).view(1, -1).expand(3, -1)
     return expanded, ImageInputs(pixel_values=pixels, grid_thw=[tuple(g) for g in grid.tolist()], positions=positions,
                                  rope_delta=0, image_token_id=image_token_id)
+
+
+@dataclass(slots=True, kw_only=True)
+class KimiImagePrep:
+    """What the server needs to take a prompt's images (SGLang image_data) for a Kimi K2.5 model, in the shape of
+    the Qwen path's QwenImagePrep: decode, process, expand the prompt's <|media_pad|> placeholders (one per image)."""
+
+    processor: KimiImageProcessor
+    image_token_id: int
+    image_token: str = "<|media_pad|>"
+    max_images: int = 64  # per prompt
+
+    def prepare(self, ids: list[int], sources: list):
+        from parityrt.vision.images import ImageError, load_image
+
+        if len(sources) > self.max_images:
+            raise ImageError(f"at most {self.max_images} images per prompt, got {len(sources)}")
+        if (found := ids.count(self.image_token_id)) != len(sources):  # before decoding anything
+            raise ImageError(f"the prompt has {found} image placeholders for {len(sources)} images")
+        images = [load_image(src, f"image {k}") for k, src in enumerate(sources)]
+        return kimi_image_inputs(ids, images, self.processor, self.image_token_id)
