@@ -371,17 +371,17 @@ def bind(model: nn.Module, policy: NumericsPolicy) -> dict[str, dict[str, Any]]:
             raise ValueError(f"override {ov.pattern!r}: unknown numerics op kind {ov.op!r}; known: {sorted(OP_KINDS)}")
         _replace_checked(getattr(policy.ops, ov.op), ov.set, where=f"override {ov.pattern!r} for {ov.op}")
     table: dict[str, dict[str, Any]] = {}
-    for fqn, module in model.named_modules():
-        op = getattr(module, "numerics_op", None)
-        if op is None:
-            continue
-        module.nx = policy.resolve(op, fqn)
+    bound = [(fqn, m) for fqn, m in model.named_modules() if getattr(m, "numerics_op", None) is not None]
+    for fqn, module in bound:
+        module.nx = policy.resolve(module.numerics_op, fqn)
+        table[fqn] = {"op": module.numerics_op, **to_jsonable(module.nx)}
+    # checked once every module is bound: a check may read its children's settings (the experts' down projection)
+    for fqn, module in bound:
         if (check := getattr(module, "check_numerics", None)) is not None:
             try:
                 check()
             except ValueError as e:
-                raise ValueError(f"numerics {policy.name!r} cannot run {fqn} ({op}): {e}") from None
-        table[fqn] = {"op": op, **to_jsonable(module.nx)}
+                raise ValueError(f"numerics {policy.name!r} cannot run {fqn} ({module.numerics_op}): {e}") from None
     model.numerics_policy = policy  # what the engine reads its policy-wide switches from (shape_stable)
     for ov in policy.overrides:
         if not any(t["op"] == ov.op and fnmatch.fnmatchcase(name, ov.pattern) for name, t in table.items()):

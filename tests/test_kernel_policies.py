@@ -33,6 +33,20 @@ def test_kernels_triton_resolves_auto_and_keeps_explicit_choices(cache_dir) -> N
     assert {t["impl"] for t in bind(model, pinned).values() if t["op"] == "norm"} == {"torch"}
 
 
+def test_single_device_expert_paths_are_refused_at_bind_when_the_down_projection_is_split(cache_dir) -> None:
+    """The fused Triton experts and the grouped_mm experts run the whole expert K at once: with the experts' down
+    projection on the TBIK tree (or TP > 1) that is refused when the policy is bound, naming the module."""
+    import dataclasses
+
+    model, _ = build_model(tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir)))
+    no_override = dataclasses.replace(load_preset("rl_parity_gpu"), overrides=[])
+    with pytest.raises(ValueError, match=r"cannot run layers\.0\.mlp\.experts \(experts\): experts\.impl=triton runs"):
+        bind(model, no_override)
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts \(experts\): experts\.gemm=grouped_mm"):
+        bind(model, with_ops(load_preset("rl_parity"), experts={"gemm": "grouped_mm"}))
+    bind(model, load_preset("rl_parity_gpu"))  # with the preset's override: fine
+
+
 def test_triton_policy_on_cpu_without_the_interpreter_is_a_clear_error(cache_dir, monkeypatch) -> None:
     model, _ = build_model(tiny_model_config("qwen3_5_moe_tiny", cache_dir=str(cache_dir)))
     bind(model, load_preset("rl_parity_gpu"))

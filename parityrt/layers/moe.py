@@ -192,6 +192,19 @@ class Experts(nn.Module):
             dequant_int4_ref(self.down_packed[e], self.down_scale[e], wdtype),
         )
 
+    def check_numerics(self) -> None:
+        """At bind (load) time, not at the first forward: the single-device paths need the whole expert K here."""
+        if self.down.plain:
+            return
+        if self.nx.impl == Impl.triton:
+            raise ValueError(f"experts.impl=triton runs the whole expert K on one GPU: it needs TP=1 (here "
+                             f"{self.down.tp.size}) and row_linear.k_order=library for the experts' down projection "
+                             "(an override `{pattern: '*.experts.down', op: row_linear, set: {k_order: library}}`, "
+                             "as rl_parity_gpu has), or experts.impl=torch")
+        if self.nx.gemm == ExpertsGemm.grouped_mm:
+            raise ValueError("experts.gemm=grouped_mm is transformers' single-device path: it needs TP=1 and "
+                             "row_linear.k_order=library for the experts' down projection")
+
     def forward(self, x_TH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         tp = self.down.tp
         if self.nx.impl == Impl.triton:
@@ -199,9 +212,6 @@ class Experts(nn.Module):
         wdtype = torch.float32 if self.quantized and self.nx.dequant == DequantOrder.fp32 else x_TH.dtype
         combine = lambda y: combine_ref(y, w_TK, ids_TK, self.nx.combine.value, self.nx.order.value, x_TH.dtype)
         if self.nx.gemm == ExpertsGemm.grouped_mm:
-            if not self.down.plain:
-                raise ValueError("experts.gemm=grouped_mm is transformers' single-device path: it needs TP=1 and "
-                                 "row_linear.k_order=library for the experts' down projection")
             return combine(experts_grouped_mm(x_TH, ids_TK, self._weights(x_TH.dtype)).to(wdtype))
         down = None if self.down.plain else self.down.partials
         y_P = experts_ref(x_TH, ids_TK, self._weights(x_TH.dtype), self.nx.fuse_gate_up, down)
@@ -215,9 +225,6 @@ class Experts(nn.Module):
     def _fused(self, x_TH: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         """kernels/fused_moe.py: the same per-row rounding and combine as the torch path, one grouped GEMM per
         projection instead of a GEMM per hit expert."""
-        if not self.down.plain:
-            raise ValueError("experts.impl=triton runs the whole expert K on one GPU: it needs TP=1 and "
-                             "row_linear.k_order=library for the experts' down projection (use impl=torch otherwise)")
         nx = self.nx
         quant = (Int4Weights(self.gate_up_packed, self.gate_up_scale, self.down_packed, self.down_scale)
                  if self.quantized else None)
