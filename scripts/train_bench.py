@@ -37,6 +37,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
 def rollouts(cfg, preset: str, n: int, new_tokens: int) -> tuple[list[Sample], list[list[float]]]:
     model, _ = build_model(cfg)
     bind(model, load_preset(preset))
@@ -58,6 +62,8 @@ def rollouts(cfg, preset: str, n: int, new_tokens: int) -> tuple[list[Sample], l
 
 
 def fwd_bwd_seconds(train: TrainModel, samples: list[Sample], repeats: int) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(repeats + 1):
         _sync()
@@ -96,12 +102,13 @@ def main() -> None:
         entry = {"tokens": len(flat_a), "micro_batch_tokens": sum(len(s.ids) for s in samples),
                  "bitwise_tokens": sum(a == b for a, b in zip(flat_a, flat_b)),
                  "max_abs_dlogp": max(abs(a - b) for a, b in zip(flat_a, flat_b)),
-                 "fwd_bwd_s": fwd_bwd_seconds(train, samples, args.repeats)}
+                 "fwd_bwd_s": fwd_bwd_seconds(train, samples, args.repeats), "peak_gib": _peak_gib()}
         del train
         torch.cuda.empty_cache()
         apply_process_settings(load_preset(args.baseline))
         base = shard(TrainModel.from_config(cfg, args.baseline))
         entry["baseline_fwd_bwd_s"] = fwd_bwd_seconds(base, samples, args.repeats)
+        entry["baseline_peak_gib"] = _peak_gib()
         entry["slowdown"] = entry["fwd_bwd_s"] / entry["baseline_fwd_bwd_s"]
         del base
         torch.cuda.empty_cache()
