@@ -504,3 +504,80 @@ def test_image_prep_for_the_server(tmp_path) -> None:
         prep.prepare([1, IMAGE], [str(path), str(path)])
     with pytest.raises(ImageError):
         prep.prepare([1, IMAGE], [b"not an image"])
+
+
+# ---- through the engine (the model runner splices the images; 1-D positions on the engine's three rows) ----------
+
+
+def _engine(model, preset: str, **cfg):
+    from parityrt.config import EngineConfig
+    from parityrt.engine.engine import Engine
+    from parityrt.tokenizer import Tokenizer
+
+    bind(model, load_preset(preset))
+    return Engine(model, Tokenizer.from_dir(), model.args.eos_token_id, EngineConfig(**cfg))
+
+
+def _request(i: int, images: list[Image.Image], seed: int, **extra):
+    from parityrt.engine.request import GenerateRequest, SamplingParams
+    from parityrt.vision.kimi_processor import kimi_image_inputs
+
+    ids, _, _ = _prompt([], seed=seed, texts=4)
+    inputs = None
+    for _ in images:
+        ids += [BEGIN, IMAGE, END, 11, 12]
+    if images:
+        ids, inputs = kimi_image_inputs(ids, images, KimiImageProcessor(), IMAGE)
+    sp = SamplingParams(max_new_tokens=extra.pop("max_new_tokens", 5), temperature=0.8, top_k=50, ignore_eos=True,
+                        sampling_seed=i)
+    return GenerateRequest(rid=f"r{i}", input_ids=ids, sampling=sp, return_logprob=True, images=inputs, **extra)
+
+
+def _outputs(engine, requests) -> list[tuple[list[int], list]]:
+    from parityrt.server.protocol.response import generate_response
+
+    return [(s.output_ids, generate_response(engine.output(s))["meta_info"]["output_token_logprobs"])
+            for s in engine.generate(requests)]
+
+
+def test_engine_prefill_logits_are_transformers(tiny) -> None:
+    """hf_eager through the engine = transformers' logits, two images in one prompt."""
+    import dataclasses
+
+    model, ckpt = tiny
+    images = [make_image(112, 112, seed=30), make_image(126, 70, seed=31)]
+    req = dataclasses.replace(_request(0, images, seed=6, max_new_tokens=1), keep_logits=True)
+    [seq] = _engine(model, "hf_eager").generate([req])
+    hf = _hf(ckpt, "eager")
+    pix, grid = KimiImageProcessor()(images)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(req.input_ids)[None], pixel_values=pix.to(torch.bfloat16), image_grid_thw=grid).logits[0]
+    assert len(seq.logits) == ref.shape[0]
+    assert all(torch.equal(seq.logits[p], ref[p].float()) for p in range(ref.shape[0]))
+
+
+def test_engine_rl_parity_alone_batched_chunked_rescored(tiny) -> None:
+    """Under rl_parity a Kimi image request's output ids and logprobs through the engine are the same bits alone,
+    batched with another image request and a text request, with 7-token prefill chunks, and re-scored in one
+    prefill of prompt + output."""
+    import dataclasses
+
+    from parityrt.server.protocol.response import generate_response
+
+    model, _ = tiny
+    mixed = [([make_image(126, 70, seed=32)], 1), ([make_image(112, 112, seed=33), make_image(70, 154, seed=34)], 2),
+             ([], 3)]
+    requests = [_request(i, images, seed) for i, (images, seed) in enumerate(mixed)]
+    together = _outputs(_engine(model, "rl_parity"), requests)
+    assert _outputs(_engine(model, "rl_parity"), requests[:1]) == together[:1]  # the image request alone
+    assert _outputs(_engine(model, "rl_parity", chunked_prefill_size=7), requests) == together
+    for i, (req, (out, lps)) in enumerate(zip(requests[:2], together)):  # the two image requests
+        scored = dataclasses.replace(_request(i, mixed[i][0], mixed[i][1], max_new_tokens=0),
+                                     input_ids=req.input_ids + out, logprob_start_len=len(req.input_ids))
+        if scored.images is not None:  # the prompt grew by the outputs: 1-D positions on every row
+            scored.images.positions = torch.arange(len(scored.input_ids)).view(1, -1).expand(3, -1)
+        engine = _engine(model, "rl_parity")
+        [seq] = engine.generate([scored])
+        assert generate_response(engine.output(seq))["meta_info"]["input_token_logprobs"] == lps, f"request {i}"
+    other = _request(0, [make_image(126, 70, seed=99)], 1)  # another image, same ids: other logprobs
+    assert _outputs(_engine(model, "rl_parity"), [other])[0][1] != together[0][1]
