@@ -91,6 +91,9 @@ class ServerConfig:
     max_batch: int = 256  # prompts per request (a text or input_ids list)
     max_body_bytes: int = 64 * 1024 * 1024  # request body; larger ones get 413 before they are read
     max_top_logprobs: int = 64  # top_logprobs_num and len(token_ids_logprob): streamed chunks repeat them all
+    # A weight-sync rendezvous or broadcast (/init_weights_update_group, /update_weights_from_distributed) that
+    # waits longer than this fails the request instead of hanging the server
+    weight_sync_timeout_s: int = 300
     # SGLang's --incremental-streaming-output: each /generate stream chunk carries only the new text, output ids
     # and output-token logprobs (default: every chunk is cumulative)
     incremental_streaming_output: bool = False

@@ -147,6 +147,7 @@ def build_state(run: RunConfig, rt: Runtime) -> ServerState:
                        limits=Limits(max_n=run.server.max_n, max_batch=run.server.max_batch,
                                      max_top_logprobs=run.server.max_top_logprobs),
                        max_body_bytes=run.server.max_body_bytes, numerics_fingerprint=rt.fingerprint,
+                       weight_sync_timeout_s=run.server.weight_sync_timeout_s,
                        images=image_prep(rt))
 
 

@@ -53,6 +53,7 @@ class ServerState:
     numerics_fingerprint: dict[str, Any] | None = None
     images: ImagePrep | None = None  # the served model's image path (image_data, image_url parts); None: text only
     weight_updates: int = 0
+    weight_sync_timeout_s: float = 300.0  # server.weight_sync_timeout_s
     started: float = field(default_factory=time.time)
 
     @property

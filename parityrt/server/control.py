@@ -28,7 +28,6 @@ from parityrt.server.weight_sync import UpdateGroups, WeightSyncError, deseriali
 if TYPE_CHECKING:
     from parityrt.server.app import ServerState
 
-WEIGHT_SYNC_TIMEOUT_S = 300.0  # a rendezvous or broadcast that waits longer fails the update instead of hanging
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -64,7 +63,7 @@ def _result(success: bool, message: str) -> JSONResponse:
 
 
 def add_control_routes(app: FastAPI, state: ServerState, version: str) -> None:
-    groups = UpdateGroups(WEIGHT_SYNC_TIMEOUT_S)
+    groups = UpdateGroups(state.weight_sync_timeout_s)
     worker = state.worker
 
     async def apply_update(named_fn, abort_all: bool, flush: bool, weight_version: str | None) -> JSONResponse:
