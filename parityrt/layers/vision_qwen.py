@@ -89,8 +89,7 @@ class PositionEmbedding(VisionOp):
 
     def forward(self, x_ND: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """x + the resampled embedding of each patch, added in x's dtype."""
-        idx_N4, w_N4 = bilinear_taps(grid_thw, self.side, self.merge)
-        idx_N4, w_N4 = idx_N4.to(x_ND.device), w_N4.to(x_ND.device)
+        idx_N4, w_N4 = bilinear_taps(grid_thw, self.side, self.merge, x_ND.device)
         table = self.weight.to(self.dtype)
         if self.nx.resample_weights is VisionResampleWeights.model:
             w_N4 = w_N4.to(table.dtype)

@@ -42,15 +42,17 @@ def _axis_taps(index: torch.Tensor, size: torch.Tensor, side: int) -> tuple[torc
     and side - 1. fp32 in transformers' order: src = index·(side-1)/max(size-1, 1), weight = max(1 - |src - tap|, 0)."""
     src = index.to(torch.float32) * (side - 1) / torch.clamp(size - 1, min=1)
     floor = torch.floor(src)
-    offsets = torch.arange(0, 2)
+    offsets = torch.arange(0, 2, device=index.device)
     taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)
     distance = (src[:, None] - floor[:, None] - offsets).abs()
     return taps, (1 - distance).clamp(min=0)
 
 
-def bilinear_taps(grid_thw: list[tuple[int, int, int]], side: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+def bilinear_taps(grid_thw: list[tuple[int, int, int]], side: int, merge: int,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Resampling a side x side learned position table to every patch (merge-block order): int64 [patches, 4] rows
-    of the flattened table and fp32 [patches, 4] weights, taps ordered (h tap, w tap) as an outer product."""
+    of the flattened table and fp32 [patches, 4] weights, taps ordered (h tap, w tap) as an outer product. The fp32
+    arithmetic runs on `device`, where transformers runs it (the grid's device: the model's)."""
     rows, cols, heights, widths = [], [], [], []
     for t, h, w in grid_thw:
         r, c = merge_order_rows_cols(h, w, merge)
@@ -58,8 +60,8 @@ def bilinear_taps(grid_thw: list[tuple[int, int, int]], side: int, merge: int) -
         cols.append(c.repeat(t))
         heights.append(torch.full((t * h * w,), h, dtype=torch.long))
         widths.append(torch.full((t * h * w,), w, dtype=torch.long))
-    h_taps, h_weights = _axis_taps(torch.cat(rows), torch.cat(heights), side)
-    w_taps, w_weights = _axis_taps(torch.cat(cols), torch.cat(widths), side)
+    h_taps, h_weights = _axis_taps(torch.cat(rows).to(device), torch.cat(heights).to(device), side)
+    w_taps, w_weights = _axis_taps(torch.cat(cols).to(device), torch.cat(widths).to(device), side)
     indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
     weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
     return indices, weights
