@@ -397,40 +397,53 @@ def test_rl_parity_image_requests_alone_batched_chunked_and_rescored(tiny) -> No
 # ---- on a GPU: the Qwen slice (real per-layer dimensions) with the released vision tower's dimensions --------------
 
 
-@pytest.mark.cuda
-def test_slice_with_a_real_sized_vision_tower_bitwise_on_gpu(tmp_path) -> None:
-    """model=qwen3_5_moe_vl_slice (random weights: 27 ViT blocks of 1152, 48x48 position table, the text slice's 4
-    layers at 4096) on one GPU under hf_eager vs transformers' eager model on the same GPU: image embeddings and
-    bf16 logits bitwise for a 768x768 image (48x48 patches: identity resample) and a ragged 500x333 one."""
+def hf_parity_from_generated(name: str, device: str, sizes: list[tuple[int, int]], cache: Path) -> None:
+    """model=`name` generated from its seed, ours under hf_eager vs transformers' eager model loaded from the same
+    checkpoint on `device`: image embeddings and bf16 logits bitwise for each size alone and all together."""
     from transformers import Qwen3_5MoeForConditionalGeneration
 
     from parityrt.weights import ensure_generated_checkpoint
 
-    cfg = dataclasses.replace(tiny_model_config("qwen3_5_moe_vl_slice"), cache_dir=str(tmp_path), device="cuda")
-    image = cfg.hf_config["image_token_id"]
+    cfg = dataclasses.replace(tiny_model_config(name), cache_dir=str(cache), device=device)
+    image, hc = cfg.hf_config["image_token_id"], cfg.hf_config
     ckpt = ensure_generated_checkpoint(cfg)
     ours, _ = build_model(dataclasses.replace(cfg, path=str(ckpt)))
     bind(ours, load_preset("hf_eager"))
     hf_model = Qwen3_5MoeForConditionalGeneration.from_pretrained(
-        ckpt, dtype=torch.bfloat16, attn_implementation="eager", experts_implementation="eager").to("cuda").eval()
+        ckpt, dtype=torch.bfloat16, attn_implementation="eager", experts_implementation="eager").to(device).eval()
     saved = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True  # the same conv algorithm for both Conv3d calls
     try:
         g = torch.Generator().manual_seed(0)
-        for images in ([make_image(768, 768, 10)], [make_image(500, 333, 11)], [make_image(768, 768, 10), make_image(500, 333, 11)]):
-            ids = torch.randint(0, 240000, (5,), generator=g).tolist()
+        sets = [[make_image(h, w, 10 + k)] for k, (h, w) in enumerate(sizes)]
+        for images in [*sets, [im for one in sets for im in one]]:
+            ids = torch.randint(0, 2040, (5,), generator=g).tolist()
             for _ in images:
-                ids += [cfg.hf_config["vision_start_token_id"], image, cfg.hf_config["vision_end_token_id"], 11, 12]
+                ids += [hc["vision_start_token_id"], image, hc["vision_end_token_id"], 11, 12]
             px = process_images(images, QwenImageConfig())
             with torch.no_grad():
-                ref = torch.cat(hf_model.model.get_image_features(px.pixel_values.cuda(), torch.tensor(px.grid_thw).cuda()).pooler_output)
-                emb = ours.encode_images(px.pixel_values.cuda(), px.grid_thw)
+                grid = torch.tensor(px.grid_thw, device=device)
+                ref = torch.cat(hf_model.model.get_image_features(px.pixel_values.to(device), grid).pooler_output)
+                emb = ours.encode_images(px.pixel_values.to(device), px.grid_thw)
             a, b = run_ours(ours, ids, images, image), run_hf(hf_model, ids, images, image)
             where = "" if torch.equal(a, b) and torch.equal(emb, ref) else first_difference(ours, hf_model, ids, images, image)
             assert torch.equal(emb, ref), f"{px.grid_thw}: embeddings differ, first at {where}"
             assert torch.equal(a, b), f"{px.grid_thw}: logits differ by {(a.float() - b.float()).abs().max()}, first at {where}"
     finally:
         torch.backends.cudnn.deterministic = saved
+
+
+def test_generated_tiny_vl_is_transformers(tmp_path) -> None:
+    """The seed-generated default (its own init, not the fixture's) through the same check the GPU test runs."""
+    hf_parity_from_generated("qwen3_5_moe_vl_tiny", "cpu", [(256, 256), (190, 333)], tmp_path)
+
+
+@pytest.mark.cuda
+def test_slice_with_a_real_sized_vision_tower_bitwise_on_gpu(tmp_path) -> None:
+    """model=qwen3_5_moe_vl_slice (random weights: 27 ViT blocks of 1152, 48x48 position table, the text slice's 4
+    layers at 4096) on one GPU under hf_eager vs transformers' eager model on the same GPU: image embeddings and
+    bf16 logits bitwise for a 768x768 image (48x48 patches: identity resample), a ragged 500x333 one, and both."""
+    hf_parity_from_generated("qwen3_5_moe_vl_slice", "cuda", [(768, 768), (500, 333)], tmp_path)
 
 
 # ---- serving: SGLang's image_data and OpenAI image_url parts over HTTP -------------------------------------------
