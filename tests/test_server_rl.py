@@ -140,6 +140,21 @@ def test_a_train_models_weights_sync_bitwise(srv, trainer, ckpts, seed1_bits):
     trainer.ok("destroy")
 
 
+def test_an_update_empties_the_prefix_cache(srv, trainer, ckpts):
+    long = {"input_ids": list(range(100, 180)), "sampling_params": GREEDY, "return_logprob": True}
+    srv.post("/generate", long)
+    assert srv.post("/generate", long).json()["meta_info"]["cached_tokens"] > 0
+    trainer.ok("init")
+    trainer.ok("update", ckpt=ckpts[1], kind="good", flush_cache=False)  # even when not asked to flush
+    after = srv.post("/generate", long).json()
+    assert after["meta_info"]["cached_tokens"] == 0
+    again = srv.post("/generate", long).json()  # cached again, from the new weights: the same bits
+    assert again["meta_info"]["cached_tokens"] > 0 and again["output_ids"] == after["output_ids"]
+    assert again["meta_info"]["output_token_logprobs"] == after["meta_info"]["output_token_logprobs"]
+    trainer.ok("destroy")
+    _restore(srv, ckpts[0])
+
+
 def test_update_weights_from_tensor_shared_memory_and_safetensors(srv, trainer, ckpts, seed1_bits):
     before = _bits(srv)
     for fmt in (None, "safetensors"):
