@@ -372,26 +372,39 @@ def test_engine_prefill_logits_are_transformers(hf, ours) -> None:
     assert all(torch.equal(seq.logits[p], ref[p].float()) for p in range(ref.shape[0]))
 
 
-def test_rl_parity_image_requests_alone_batched_chunked_and_rescored(tiny) -> None:
-    """Under rl_parity an image request's output ids and logprobs are the same bits alone, batched with other image
+def check_invariance(model, preset: str) -> None:
+    """Under `preset` an image request's output ids and logprobs are the same bits alone, batched with other image
     and text requests, with its prompt (and images) cut into 7-token prefill chunks, and re-scored in one prefill
     of prompt + output (the decode positions p + rope_delta meet the prompt's mRoPE rows)."""
     from parityrt.server.protocol.response import generate_response
 
     requests = [_request(i, ids, images, SMALL) for i, (ids, images) in enumerate(MIXED)]
-    together = _outputs(_engine(tiny, "rl_parity"), requests)
-    alone = [_outputs(_engine(tiny, "rl_parity"), [r])[0] for r in requests]
+    together = _outputs(_engine(model, preset), requests)
+    alone = [_outputs(_engine(model, preset), [r])[0] for r in requests]
     assert alone == together
-    assert _outputs(_engine(tiny, "rl_parity", chunked_prefill_size=7), requests) == together
+    assert _outputs(_engine(model, preset, chunked_prefill_size=7), requests) == together
     for i, ((ids, images), (out, lps)) in enumerate(zip(MIXED, together)):
         scored = dataclasses.replace(_request(i, ids + out, images, SMALL, max_new_tokens=0),
                                      logprob_start_len=len(requests[i].input_ids))
-        engine = _engine(tiny, "rl_parity")
+        engine = _engine(model, preset)
         [seq] = engine.generate([scored])
         assert generate_response(engine.output(seq))["meta_info"]["input_token_logprobs"] == lps, f"request {i}"
     # the image rows matter: the same prompt with another image gives other logprobs
     other = _request(0, MIXED[0][0], [make_image(96, 160, 99)], SMALL)
-    assert _outputs(_engine(tiny, "rl_parity"), [other])[0][1] != together[0][1]
+    assert _outputs(_engine(model, preset), [other])[0][1] != together[0][1]
+
+
+def test_rl_parity_image_requests_alone_batched_chunked_and_rescored(tiny) -> None:
+    check_invariance(tiny, "rl_parity")
+
+
+@pytest.mark.cuda
+def test_rl_parity_gpu_image_requests_alone_batched_chunked_and_rescored(tmp_path) -> None:
+    """The same on one GPU with rl_parity_gpu (Triton text kernels; the vision tower's library GEMMs see only
+    their own request's images)."""
+    cfg = dataclasses.replace(tiny_model_config("qwen3_5_moe_vl_tiny"), cache_dir=str(tmp_path), device="cuda")
+    model, _ = build_model(cfg)
+    check_invariance(model, "rl_parity_gpu")
 
 
 # ---- on a GPU: the Qwen slice (real per-layer dimensions) with the released vision tower's dimensions --------------
