@@ -581,3 +581,33 @@ def test_engine_rl_parity_alone_batched_chunked_rescored(tiny) -> None:
         assert generate_response(engine.output(seq))["meta_info"]["input_token_logprobs"] == lps, f"request {i}"
     other = _request(0, [make_image(126, 70, seed=99)], 1)  # another image, same ids: other logprobs
     assert _outputs(_engine(model, "rl_parity"), [other])[0][1] != together[0][1]
+
+
+def test_grid_helpers_and_a_clip_match_transformers(tiny) -> None:
+    """The host-side tables equal transformers' vision_utils / Kimi helpers (positions, bicubic taps and weights,
+    frame index, temporal merge index), including a 2-frame clip; and a clip through the tower (one attention
+    segment over both frames, the temporal sinusoid, the mean over frames) is bitwise transformers' tower."""
+    from transformers import vision_utils as vu
+    from transformers.models.kimi_k25 import modeling_kimi_k25 as hk
+
+    from parityrt.layers import vision_kimi as vk
+
+    grid = torch.tensor([[1, 8, 8], [2, 6, 10], [1, 4, 2]])
+    assert torch.equal(vk.position_ids(grid), vu.get_vision_position_ids(grid, spatial_merge_size=1))
+    ours_i, ours_w = vk.bicubic_indices_weights(grid, 8)
+    ref_i, ref_w = vu.get_vision_interpolation_indices_and_weights(grid, 8, mode="bicubic", align_corners=False)
+    assert torch.equal(ours_i, ref_i) and torch.equal(ours_w, ref_w) and ours_w.dtype == torch.float32
+    assert torch.equal(vk.frame_index(grid), hk.get_vision_frame_index(grid))
+    for same_t in ([[1, 8, 8], [1, 4, 2]], [[2, 6, 10], [2, 4, 2]]):  # one call's clips share t (a [M, t, 4] index)
+        g = torch.tensor(same_t)
+        assert torch.equal(vk.merge_index(g, 2, 2), hk.get_vision_temporal_merge_index(g, 2, 2))
+    model, ckpt = tiny
+    bind(model, load_preset("hf_eager"))
+    hf = _hf(ckpt, "eager")
+    clip = torch.tensor([[2, 6, 10]])
+    pix = torch.rand(120, 3, 14, 14, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        # transformers' get_image_features splits by t·h·w/4 (it fails for t > 1): its tower and projector directly
+        ref = hf.model.mm_projector(hf.model.vision_tower(pix.to(torch.bfloat16), grid_thw=clip).pooler_output).squeeze(1)
+        ours = model.encode_images(pix, clip)
+    assert ours.shape == (15, CFG["text_config"]["hidden_size"]) and torch.equal(ours, ref)
