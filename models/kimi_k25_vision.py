@@ -152,9 +152,22 @@ class KimiK25VLForConditionalGeneration(KimiK25ForCausalLM):
             vis = re.sub(pattern, repl, vis)
         return vis, None
 
-    def to_checkpoint(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def to_checkpoint(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our parameters -> transformers' in-memory Kimi_K25ForConditionalGeneration names (model.language_model.*,
+        lm_head, model.vision_tower.*, model.mm_projector.*; q/k/v separate, rotate-half rows), which both
+        transformers and this loader read. Static, as the trainer's weight sync calls it on the class."""
+        out = {}
+        text = {k: v for k, v in params.items() if not k.startswith(("vision_tower.", "mm_projector."))}
+        for name, t in KimiK25ForCausalLM.to_checkpoint(text).items():
+            out[name if name.startswith("lm_head") else name.replace("model.", "model.language_model.", 1)] = t
+        out.update({f"model.{k}": v.contiguous() for k, v in params.items() if k.startswith(("vision_tower.", "mm_projector."))})
+        return out
+
+    def released_checkpoint(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Our parameters -> the released on-disk Kimi K2.5 layout (language_model.*, vision_tower.encoder.*, fused
-        wqkv with q and k rows back in the rope-interleaved order, mm_projector.proj.0/2)."""
+        wqkv with q and k rows back in the rope-interleaved order, mm_projector.proj.0/2): what the generated tiny
+        checkpoints are written in, so that loading them exercises the released names."""
         text = {k: v for k, v in params.items() if not k.startswith(("vision_tower.", "mm_projector."))}
         out = {}
         for name, t in KimiK25ForCausalLM.to_checkpoint(text).items():

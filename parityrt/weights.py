@@ -139,7 +139,8 @@ def write_generated_checkpoint(hf_cfg: dict[str, Any], seed: int, out: Path) -> 
     tensors = {}
     for name, p in model.named_parameters():  # fp32 parameters (e.g. the router bias) stay fp32
         tensors[name] = init_tensor(name, tuple(p.shape), gen, model_cls.norm_weight_base).to(p.dtype)
-    hf_tensors = model.to_checkpoint(tensors)  # on the (meta) instance: a layout may need the model's sizes
+    # the released on-disk layout where the model has one besides its in-memory names (Kimi's fused vision wqkv)
+    hf_tensors = (getattr(model, "released_checkpoint", None) or model_cls.to_checkpoint)(tensors)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
     save_file(hf_tensors, str(tmp), metadata={"format": "pt", "generator": f"parityrt seed={seed}"})

@@ -611,3 +611,23 @@ def test_grid_helpers_and_a_clip_match_transformers(tiny) -> None:
         ref = hf.model.mm_projector(hf.model.vision_tower(pix.to(torch.bfloat16), grid_thw=clip).pooler_output).squeeze(1)
         ours = model.encode_images(pix, clip)
     assert ours.shape == (15, CFG["text_config"]["hidden_size"]) and torch.equal(ours, ref)
+
+
+def test_in_memory_checkpoint_round_trip(tiny, tmp_path) -> None:
+    """to_checkpoint (static: the trainer's weight sync calls it on the class) writes transformers' in-memory names;
+    they load back into the same parameters, bit for bit."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from parityrt.config import ModelConfig
+
+    model, _ = tiny
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tensors = type(model).to_checkpoint(params)
+    assert "model.vision_tower.layers.0.attn.q_proj.weight" in tensors and "lm_head.weight" in tensors
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(CFG))
+    again, _ = build_model(ModelConfig(name="rt", path=str(tmp_path)))
+    for name, p in again.named_parameters():
+        assert torch.equal(p, params[name]), name
