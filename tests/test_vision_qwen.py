@@ -623,3 +623,18 @@ def test_trainer_scores_image_requests_as_the_engine(tiny, tmp_path) -> None:
     sum(lp.sum() for lp in got).backward()
     grad = trainer.model.visual.blocks[0].attn.qkv.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_tp_invariant_image_bits_at_virtual_tp(tmp_path) -> None:
+    """The vision tower is replicated (every rank encodes whole images); under tp_invariant a prompt with an image
+    gives the same logits at TP = 1 and virtual TP = 2 (the text model's tree reductions)."""
+    from parityrt.distributed import TPInfo, tp_context
+
+    cfg = dataclasses.replace(tiny_model_config("qwen3_5_moe_vl_tiny"), cache_dir=str(tmp_path))
+    out = []
+    for size in (1, 2):
+        with tp_context(TPInfo(rank=0, size=size, virtual=True)):
+            model, _ = build_model(cfg)
+        bind(model, load_preset("tp_invariant"))
+        out.append(run_ours(model, prompt(1), [RAGGED]))
+    assert torch.equal(*out)
