@@ -248,8 +248,9 @@ class VisionRopeDtype(str, Enum):
 @dataclass(slots=True, kw_only=True)
 class VisionNumerics:
     """The vision tower (patch embed -> position-embedding resample -> 2-D rope ViT blocks -> merger/projector), one
-    op group read by the tower's modules. Image embeddings are computed once per request from that request's
-    images only, so a request's image bits never depend on the other requests of a step."""
+    op group read by the tower's modules. A request's images are encoded in one tower call of their own (in each
+    prefill step that holds some of their tokens, and in the trainer's micro-batch), so a request's image bits
+    never depend on the other requests of a step."""
 
     dtype: Precision = Precision.native  # the tower's compute dtype: native = the model dtype (HF casts pixels to it)
     resample_weights: VisionResampleWeights = VisionResampleWeights.native  # position-embedding resample weights
