@@ -148,7 +148,7 @@ def build_state(run: RunConfig, rt: Runtime) -> ServerState:
                                      max_top_logprobs=run.server.max_top_logprobs),
                        max_body_bytes=run.server.max_body_bytes, numerics_fingerprint=rt.fingerprint,
                        weight_sync_timeout_s=run.server.weight_sync_timeout_s,
-                       images=image_prep(rt))
+                       images=image_prep(rt), incremental_streaming=run.server.incremental_streaming_output)
 
 
 def image_prep(rt: Runtime) -> Any:

@@ -28,7 +28,7 @@ from parityrt.server.protocol.generate import (
     has_lone_surrogate,
     parse_generate,
 )
-from parityrt.server.protocol.response import generate_response
+from parityrt.server.protocol.response import generate_response, incremental_chunk
 from parityrt.server.worker import EngineWorker
 
 OPEN_PATHS = ("/health", "/ready", "/metrics")
@@ -52,6 +52,7 @@ class ServerState:
     # the numerics contract (parityrt/fingerprint.py) computed at load, served by /server_info and /model_info
     numerics_fingerprint: dict[str, Any] | None = None
     images: ImagePrep | None = None  # the served model's image path (image_data, image_url parts); None: text only
+    incremental_streaming: bool = False  # server.incremental_streaming_output: /generate stream chunks carry deltas
     weight_updates: int = 0
     weight_sync_timeout_s: float = 300.0  # server.weight_sync_timeout_s
     started: float = field(default_factory=time.time)
@@ -218,12 +219,17 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def _generate_stream(out: asyncio.Queue, requests: list[GenerateRequest], as_list: bool) -> AsyncIterator[bytes]:
         pending = set(range(len(requests)))
+        sent_text, sent_ids = [0] * len(requests), [0] * len(requests)  # incremental streaming: what went out
         try:
             while pending:
                 index, result = await out.get()
                 if result.finished:
                     pending.discard(index)
                 resp = generate_response(result)
+                if state.incremental_streaming:
+                    full = resp
+                    resp = incremental_chunk(full, sent_text[index], sent_ids[index])
+                    sent_text[index], sent_ids[index] = len(full.get("text") or ""), len(full["output_ids"])
                 yield _sse({**resp, "index": index} if as_list else resp)
             yield b"data: [DONE]\n\n"
         finally:

@@ -45,6 +45,9 @@ class _OpenAIBase(BaseModel):
     skip_special_tokens: bool = True
     return_routed_experts: bool = False
     rid: Optional[Union[list[str], str]] = None
+    # parsed so that they are refused, not silently ignored (refuse_unsupported): parityrt has no constrained
+    # decoding and no tool calling
+    response_format: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(_OpenAIBase):
@@ -72,6 +75,21 @@ class ChatCompletionRequest(_OpenAIBase):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+
+
+def refuse_unsupported(req: _OpenAIBase) -> None:
+    """response_format beyond plain text needs grammar-constrained decoding, tools need it and a tool-call parser:
+    parityrt has neither, and answering as if the field were not there would hand back unconstrained text."""
+    kind = (req.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise ValueError(f"response_format {{'type': {kind!r:.60}}}: constrained decoding is not supported by parityrt "
+                         "(only 'text').")
+    if getattr(req, "tools", None):
+        raise ValueError("tools: tool calling is not supported by parityrt.")
+    if getattr(req, "tool_choice", None) not in (None, "none", "auto"):
+        raise ValueError("tool_choice: tool calling is not supported by parityrt.")
 
 
 # ---- OpenAI -> /generate ----------------------------------------------------------------------------------------
@@ -91,6 +109,7 @@ def _sampling(req: _OpenAIBase, max_new_tokens: int | None, temperature: float |
 
 
 def completion_to_generate(req: CompletionRequest) -> dict[str, Any]:
+    refuse_unsupported(req)
     p = req.prompt
     if p == "" or p == [] or (isinstance(p, list) and any(x in ("", []) for x in p)):
         raise ValueError("The prompt must not be empty.")
@@ -114,6 +133,7 @@ def chat_to_generate(req: ChatCompletionRequest, tokenizer: Tokenizer, images: b
     """The chat request as a /generate body (tokenizes: the server calls it off the event loop). images: the model
     takes images; then image_url parts reach the chat template as {"type": "image"} parts (it renders each one's
     placeholder, as transformers' processor.apply_chat_template does) and their URLs become image_data, in order."""
+    refuse_unsupported(req)
     if not req.messages:
         raise ValueError("messages must not be empty.")
     for i, m in enumerate(req.messages):  # a template fed {} or role 5 raises deep in jinja: refuse it here

@@ -33,6 +33,23 @@ def generate_response(out: RequestOutput) -> dict[str, Any]:
     return body
 
 
+# SGLang's _INCREMENTAL_STREAMING_META_INFO_KEYS: the per-output-token lists a delta chunk carries only the new part of
+INCREMENTAL_META_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
+
+
+def incremental_chunk(body: dict[str, Any], text_from: int, ids_from: int) -> dict[str, Any]:
+    """A stream chunk as SGLang sends it with --incremental-streaming-output: only the text, output ids and
+    output-token logprobs after what earlier chunks carried (text_from characters, ids_from tokens)."""
+    meta = dict(body["meta_info"])
+    for key in INCREMENTAL_META_KEYS:
+        if meta.get(key) is not None:
+            meta[key] = meta[key][ids_from:]
+    chunk = {**body, "output_ids": body["output_ids"][ids_from:], "meta_info": meta}
+    if "text" in body:
+        chunk["text"] = body["text"][text_from:]
+    return chunk
+
+
 def weight_versions(spans: list[VersionSpan]) -> list[dict[str, Any]]:
     return [{"version": s.version, "start": s.start, "end": s.end} for s in spans]
 
