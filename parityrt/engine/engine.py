@@ -332,13 +332,13 @@ class Engine:
     def update_weights(self, named: list[tuple[str, torch.Tensor]]) -> list[str]:
         """Load named checkpoint tensors into the served parameters, all or none (weight_update.stage checks the
         whole update first). Requests still running (paused in place) continue on the new weights with the KV they
-        have, as in SGLang; otherwise the prefix cache is emptied, whatever the request's flush_cache says (a
+        have, as in SGLang; the prefix cache is emptied in any case, whatever the request's flush_cache says (a
         cached prefix of the old weights would break the bits of every request that hits it). The server calls
         this on an idle or paused engine. Returns the parameters written."""
         module = self._module_in_place()
         written = weight_update.commit(module, weight_update.stage(module, named))
-        if not self.scheduler.running:  # nothing holds the prefix cache: its KV came from the old weights
-            self.scheduler.flush()
+        # the prefix cache's KV came from the old weights: emptied even while paused requests hold some of it
+        self.scheduler.invalidate()
         return written
 
     def weights_by_name(self, name: str, truncate_size: int) -> list[Any]:

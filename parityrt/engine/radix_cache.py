@@ -31,7 +31,7 @@ from parityrt.engine.kv_cache import KVPool, StatePool
 
 
 class Node:
-    __slots__ = ("key", "page", "parent", "children", "refs", "state", "last_use")
+    __slots__ = ("key", "page", "parent", "children", "refs", "state", "last_use", "detached")
 
     def __init__(self, key: tuple[int, ...], page: int, parent: Node | None):
         self.key, self.page, self.parent = key, page, parent
@@ -39,6 +39,7 @@ class Node:
         self.refs = 0  # running requests whose page table holds this node (and so every node above it)
         self.state: int | None = None  # snapshot slot: GDN state after this node's last token (hybrid models)
         self.last_use = 0
+        self.detached = False  # out of the tree (invalidated) while requests held it: freed by the last holder
 
 
 class RadixCache:
@@ -96,6 +97,8 @@ class RadixCache:
             n.last_use = now
             if n.refs == 0:
                 self.num_locked -= 1
+                if n.detached:
+                    self._free_node(n)
 
     def insert(self, tokens: list[int], pages: list[int], shared: list[Node], state: int | None = None,
                space: Hashable = None) -> list[Node]:
@@ -153,22 +156,33 @@ class RadixCache:
     def _drop(self, n: Node) -> Node:
         parent = n.parent
         del parent.children[n.key]
+        self._free_node(n)
+        return parent
+
+    def _free_node(self, n: Node) -> None:
         self.kv.free_pages.append(n.page)
         if n.state is not None:
             self.states.free_snapshots.append(n.state)
+            n.state = None
         self.num_pages -= 1
-        return parent
 
     def reset(self) -> None:
         """Empty the tree (flush_cache, new weights); no request may hold any node."""
         if self.num_locked:
             raise RuntimeError(f"prefix cache reset while running requests hold {self.num_locked} of its pages")
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Empty the tree now, even while running requests hold some of it (weights changed under them, as in
+        SGLang's in-place updates): no later request can hit what is cached; unheld nodes are freed at once,
+        held ones leave the tree and go back to the pool when their last holder releases them."""
         for n in self._nodes():
-            self.kv.free_pages.append(n.page)
-            if n.state is not None:
-                self.states.free_snapshots.append(n.state)
+            n.children = {}
+            if n.refs == 0:
+                self._free_node(n)
+            else:
+                n.detached = True
         self.roots = {}
-        self.num_pages = 0
 
     def _nodes(self) -> list[Node]:
         out, todo = [], [n for root in self.roots.values() for n in root.children.values()]

@@ -132,7 +132,7 @@ class Scheduler:
         seq.num_computed = hit
         seq.snapshot_at = None
         if self.prefix is not None and self.prefix.needs_state:
-            point = (seq.prompt_len - 1) // self.prefix.align * self.prefix.align
+            point = min(seq.prompt_len - 1, _shareable(seq)) // self.prefix.align * self.prefix.align
             seq.snapshot_at = point if point > hit else None
         if (n := self._chunk(seq, budget)) == 0:
             seq.num_computed = 0
@@ -199,8 +199,11 @@ class Scheduler:
         if tokens > _before_images(seq):  # the tree is keyed by ids: an image's placeholder ids are not its pixels
             return
         cache = seq.cache
-        tokens = min(tokens, _shareable(seq))
+        if tokens > _shareable(seq):
+            tokens, state = _shareable(seq), None  # a state after the cut is not the state at it
         pages = tokens // self.prefix.align * self.prefix.align // self.kv.page_size
+        if state is not None and pages * self.kv.page_size != tokens:
+            state = None
         if pages > len(cache.shared):
             cache.shared = self.prefix.insert(seq.all_ids, cache.pages[:pages], cache.shared, state, _space(seq))
 
@@ -235,6 +238,11 @@ class Scheduler:
         """Empty the prefix cache (nothing may run)."""
         if self.prefix is not None:
             self.prefix.reset()
+
+    def invalidate(self) -> None:
+        """Empty the prefix cache while requests may run (their own pages stay theirs)."""
+        if self.prefix is not None:
+            self.prefix.invalidate()
 
 
 def _before_images(seq: Sequence) -> int:
