@@ -31,6 +31,7 @@ from parityrt.vision.splice import Part, image_step_inputs
 
 assert STABLE_ROWS - 1 <= SCRATCH_TOKENS  # the padding sequence fits in the scratch pages
 TopList = list[tuple[float, int]]
+INPUT_LP_ROWS = 256  # prompt rows whose input logprobs are computed at once (a [rows, vocab] fp32 block)
 
 
 @dataclass(slots=True)
@@ -124,7 +125,7 @@ class ModelRunner:
         results, start, samplers = [], 0, []
         for seq, n in batch:
             res = SeqResult(None, None, {}, {}, {})
-            temp = seq.req.sampling.temperature
+            scored = []  # prompt positions whose next token's logprob was asked for
             for r in range(n):
                 if (start + r) not in owners:
                     continue
@@ -132,10 +133,17 @@ class ModelRunner:
                 if seq.req.keep_logits:
                     res.logits[p] = row.float().clone()
                 if p + 1 < seq.prompt_len and seq.req.return_logprob:
-                    lp_V = self.model.logprobs(row, temp)
-                    res.input_lp[p + 1] = self._lp_entry(lp_V, float(lp_V[seq.all_ids[p + 1]]), seq)
+                    scored.append(p)
                 if samples(seq, p):
                     samplers.append((seq, row, res))
+            # input logprobs: one log_softmax and one copy to the host per block of rows, not one per prompt token
+            for i in range(0, len(scored), INPUT_LP_ROWS):
+                block = scored[i : i + INPUT_LP_ROWS]
+                rows_NV = logits[torch.tensor([owners[start + p - seq.num_computed] for p in block], device=logits.device)]
+                lp_NV = self.model.logprobs(rows_NV, seq.req.sampling.temperature)
+                targets = torch.tensor([seq.all_ids[p + 1] for p in block], device=lp_NV.device)
+                for p, entry in zip(block, self._lp_entries(lp_NV, lp_NV.gather(1, targets[:, None])[:, 0], seq)):
+                    res.input_lp[p + 1] = entry
             for layer_ids in routes:
                 for r in range(n):
                     res.routed.setdefault(seq.num_computed + r, []).append(layer_ids[start + r].tolist())
@@ -151,24 +159,29 @@ class ModelRunner:
             for temp in dict.fromkeys(temps):
                 idx = [i for i, t in enumerate(temps) if t == temp]
                 lp_BV = self.model.logprobs(rows_BV[idx], temp)
-                chosen = lp_BV.gather(1, tokens_B[idx, None])[:, 0].tolist()
+                chosen_B = lp_BV.gather(1, tokens_B[idx, None])[:, 0]
                 for j, i in enumerate(idx):
                     seq, _, res = samplers[i]
-                    res.token_lp = self._lp_entry(lp_BV[j], chosen[j], seq)
+                    res.token_lp = self._lp_entries(lp_BV[j : j + 1], chosen_B[j : j + 1], seq)[0]
             for (_, _, res), token in zip(samplers, tokens_B.tolist()):
                 res.token = token
         return results
 
     @staticmethod
-    def _lp_entry(lp_V: torch.Tensor, token_lp: float, seq: Sequence) -> tuple[float, TopList | None, TopList | None]:
-        top = None
+    def _lp_entries(lp_NV: torch.Tensor, token_lp_N: torch.Tensor, seq: Sequence
+                    ) -> list[tuple[float, TopList | None, TopList | None]]:
+        """(logprob, top logprobs, token_ids logprobs) of N rows of one sequence: each asked-for part one batched op
+        and one copy to the host."""
+        n = lp_NV.shape[0]
+        tops: list[TopList | None] = [None] * n
         if seq.req.top_logprobs_num:
-            values, ids = torch.topk(lp_V, seq.req.top_logprobs_num)
-            top = list(zip(values.tolist(), ids.tolist()))
-        chosen = None
-        if seq.req.token_ids_logprob is not None:
-            chosen = [(float(lp_V[t]), t) for t in seq.req.token_ids_logprob]
-        return token_lp, top, chosen
+            values, ids = torch.topk(lp_NV, seq.req.top_logprobs_num, dim=-1)
+            tops = [list(zip(v, i)) for v, i in zip(values.tolist(), ids.tolist())]
+        chosen: list[TopList | None] = [None] * n
+        if (want := seq.req.token_ids_logprob) is not None:
+            values = lp_NV[:, torch.tensor(want, dtype=torch.long, device=lp_NV.device)].tolist() if want else [[]] * n
+            chosen = [list(zip(v, want)) for v in values]
+        return list(zip(token_lp_N.tolist(), tops, chosen))
 
     @contextmanager
     def _capture_routes(self, on: bool) -> Iterator[list[torch.Tensor]]:
