@@ -128,8 +128,10 @@ class PositionEmbedding(VisionModule):
         super().__init__()
         self.side = side
         self.position_embeddings = make_param(side, side, dim, dtype=dtype)
-        pos = torch.arange(frames, dtype=torch.float32)
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+        # computed on the CPU in fp32 as transformers builds it (then moved with the model): a GPU's sin/cos and
+        # pow need not give the CPU's bits
+        pos = torch.arange(frames, dtype=torch.float32, device="cpu")
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / dim))
         freqs = torch.outer(pos, inv_freq)
         table = torch.cat([freqs.sin(), freqs.cos()], dim=1)
         self.register_buffer("time_table", torch.cat([table.new_zeros(1, dim), table]), persistent=False)
@@ -170,8 +172,10 @@ class VisionRope(VisionModule):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         spatial = head_dim // 2
+        # fp32 on the CPU, as transformers builds it (moved with the model)
         self.register_buffer(
-            "inv_freq", 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial)), persistent=False
+            "inv_freq", 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float, device="cpu") / spatial)),
+            persistent=False,
         )
 
     def forward(self, pos_N2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
