@@ -631,3 +631,28 @@ def test_in_memory_checkpoint_round_trip(tiny, tmp_path) -> None:
     again, _ = build_model(ModelConfig(name="rt", path=str(tmp_path)))
     for name, p in again.named_parameters():
         assert torch.equal(p, params[name]), name
+
+
+def test_trainer_scores_image_requests_as_the_engine(tiny, tmp_path) -> None:
+    """TrainModel (autograd on) scores the engine's Kimi image rollouts in one packed micro-batch with the engine's
+    logprobs bit for bit under rl_parity, and the loss reaches the vision tower."""
+    import dataclasses
+
+    from parityrt.train.model import Sample, TrainModel
+
+    model, _ = tiny
+    requests = [_request(0, [make_image(126, 70, seed=40)], 1), _request(1, [make_image(112, 112, seed=41)], 2)]
+    outs = _outputs(_engine(model, "rl_parity"), requests)
+    trainer = TrainModel.from_config(dataclasses.replace(tiny_model_config("kimi_k25_vl_tiny"), cache_dir=str(tmp_path)),
+                                     "rl_parity")
+    with torch.no_grad():  # the same weights as the engine's model (the same seed, another cache dir)
+        for (_, a), (_, b) in zip(trainer.model.named_parameters(), model.named_parameters()):
+            a.copy_(b)
+    samples = [Sample(ids=r.input_ids + out, score_from=len(r.input_ids) - 1, temperature=0.8, images=r.images)
+               for r, (out, _) in zip(requests, outs)]
+    got = trainer(samples)
+    for lp, (_, served) in zip(got, outs):
+        assert lp.tolist() == [e[0] for e in served]
+    sum(lp.sum() for lp in got).backward()
+    grad = trainer.model.vision_tower.layers[0].attn.q_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
