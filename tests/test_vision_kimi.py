@@ -656,3 +656,19 @@ def test_trainer_scores_image_requests_as_the_engine(tiny, tmp_path) -> None:
     sum(lp.sum() for lp in got).backward()
     grad = trainer.model.vision_tower.layers[0].attn.q_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_processor_from_checkpoint_dir(tmp_path) -> None:
+    import json
+
+    assert KimiImageProcessor.from_dir(tmp_path) == KimiImageProcessor()  # no preprocessor_config.json: defaults
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"patch_size": 14, "merge_size": 2, "max_patches": 64, "size": {"max_height": 32, "max_width": 32},
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    proc = KimiImageProcessor.from_dir(tmp_path)
+    assert (proc.max_patches, proc.max_side) == (64, 32)
+    images = [make_image(300, 200, seed=1)]
+    assert torch.equal(proc(images)[0], hf_kimi_preprocess(images, max_patches=64, max_side=32)[0])
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"max_height": 32, "max_width": 16}}))
+    with pytest.raises(ValueError, match="equal max_height and max_width"):
+        KimiImageProcessor.from_dir(tmp_path)

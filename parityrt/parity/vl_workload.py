@@ -76,7 +76,7 @@ def image_sequences(model: nn.Module, tokenizer: Tokenizer, checkpoint_dir: str 
         before, after = tokenizer.encode(TEXTS[i % len(TEXTS)]), tokenizer.encode(AFTER[i % len(AFTER)])
         if family == "kimi":
             v = model.vision_args
-            pix, grid = KimiImageProcessor()([image])
+            pix, grid = KimiImageProcessor.from_dir(checkpoint_dir)([image])
             n = int(grid.prod(-1).sum()) // (v.merge_kernel_size[0] * v.merge_kernel_size[1])
             ids = kimi_expand(before + [v.vision_start_token_id, v.image_token_id, v.vision_end_token_id] + after,
                               v.image_token_id, [n])

@@ -16,9 +16,11 @@ do not depend on the grouping.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +39,25 @@ class KimiImageProcessor:
     image_mean: tuple[float, ...] = IMAGENET_STANDARD
     image_std: tuple[float, ...] = IMAGENET_STANDARD
     rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_dir(cls, ckpt_dir: str | Path) -> KimiImageProcessor:
+        """preprocessor_config.json of the checkpoint directory (transformers' keys), or the released defaults."""
+        path = Path(ckpt_dir) / "preprocessor_config.json"
+        if not path.is_file():
+            return cls()
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from None
+        size = raw.get("size") or {}
+        if size and size.get("max_height") != size.get("max_width"):
+            raise ValueError(f"{path}: size must have equal max_height and max_width, got {size}")
+        known = {k: raw[k] for k in ("patch_size", "merge_size", "max_patches", "rescale_factor") if k in raw}
+        known |= {k: tuple(raw[k]) for k in ("image_mean", "image_std") if k in raw}
+        if "max_height" in size:
+            known["max_side"] = int(size["max_height"])
+        return cls(**known)
 
     def sizes(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """((resized h, w), (padded h, w)) in pixels: transformers' navit_resize."""
