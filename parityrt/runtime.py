@@ -154,6 +154,9 @@ def build_state(run: RunConfig, rt: Runtime) -> ServerState:
 def image_prep(rt: Runtime) -> Any:
     """The served model's image path for the protocol (image_data, image_url parts), or None: a text model, or a
     multimodal checkpoint without a vision tower."""
+    module = rt.model.model if isinstance(rt.model, TPDriver) else rt.model
+    if (kimi := getattr(module, "vision_args", None)) is not None:  # Kimi K2.5 (models/kimi_k25_vision.py)
+        return kimi_image_prep(rt.checkpoint, kimi)
     args = getattr(rt.model, "args", None)
     if getattr(args, "vision", None) is None:
         return None
@@ -165,6 +168,18 @@ def image_prep(rt: Runtime) -> Any:
                          f"{(cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)} are not the vision tower's "
                          f"{(v.patch_size, v.spatial_merge_size, v.temporal_patch_size)}")
     return QwenImagePrep(cfg=cfg, image_token_id=args.image_token_id)
+
+
+def kimi_image_prep(checkpoint: Path, v: Any) -> Any:
+    """Kimi K2.5's image path: the checkpoint's preprocessor_config.json (or the released defaults), which must
+    patchify and merge as the MoonViT does."""
+    from parityrt.vision.kimi_processor import KimiImagePrep, KimiImageProcessor
+
+    proc = KimiImageProcessor.from_dir(checkpoint)
+    if (proc.patch_size, [proc.merge_size] * 2) != (v.patch_size, list(v.merge_kernel_size)):
+        raise ValueError(f"{checkpoint}: the image processor's patch/merge sizes {(proc.patch_size, proc.merge_size)} "
+                         f"are not the vision tower's {(v.patch_size, list(v.merge_kernel_size))}")
+    return KimiImagePrep(processor=proc, image_token_id=v.image_token_id)
 
 
 def write_run_files(run_dir: Path, run: RunConfig, rt: Runtime) -> None:
