@@ -177,3 +177,34 @@ def test_images_that_overflow_the_context_get_a_400(kimi_server) -> None:
                                        "image_data": _b64(make_image(700, 700, seed=44))})
     assert r.status_code == 400 and "longer than the model's context length" in r.text, r.text
     assert kimi_server.post("/generate", {"input_ids": [1, 2, 3], "sampling_params": GEN}).status_code == 200
+
+
+def test_example_image_records_parse_with_the_served_prep(kimi_server) -> None:
+    """examples/kimi_image_prompts.jsonl (scripts/generate.py model=kimi_k25_vl_tiny): image paths, Kimi's media
+    wrap in the text, one and two images, and a text record, through the served model's image path. 256x256 px pads
+    to 280x280 (20x20 patches: 100 tokens), 190x333 to 196x336 (14x24: 84)."""
+    from pathlib import Path
+
+    from parityrt.generation import parse_records
+    from parityrt.parity.io import read_jsonl
+
+    repo = Path(__file__).resolve().parents[1]
+    records = [{**r, "image_data": [str(repo / p) for p in ([r["image_data"]] if isinstance(r["image_data"], str) else r["image_data"])]}
+               if "image_data" in r else r for r in read_jsonl(repo / "examples" / "kimi_image_prompts.jsonl")]
+    reqs = [q for r in records for q in parse_records(r, kimi_server.state.engine.tokenizer, 2056, 4096, kimi_server.state.images)]
+    assert [len(q.images.grid_thw) if q.images else 0 for q in reqs] == [1, 2, 0]
+    assert [q.input_ids.count(IMAGE) for q in reqs] == [100, 100 + 84, 0]
+
+
+def test_a_processor_that_does_not_fit_the_tower_is_refused(tmp_path) -> None:
+    """A checkpoint whose preprocessor_config.json patchifies differently from its MoonViT cannot be served."""
+    import json
+
+    from models.kimi_k25_vision import KimiVisionArgs
+    from parityrt.runtime import kimi_image_prep
+
+    v = KimiVisionArgs.from_hf(CFG)
+    assert kimi_image_prep(tmp_path, v).processor.patch_size == 14  # no preprocessor_config.json: the defaults
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"patch_size": 16, "merge_size": 2}))
+    with pytest.raises(ValueError, match="patch/merge sizes"):
+        kimi_image_prep(tmp_path, v)
