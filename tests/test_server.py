@@ -155,7 +155,7 @@ def test_info_routes(srv) -> None:
     for path in ("/get_model_info", "/model_info"):
         info = srv.get(path).json()
         assert info["model_path"] == srv.state.model_path and info["is_generation"] is True
-        assert info["architectures"] == ["Qwen3_5MoeForCausalLM"]
+        assert info["architectures"] == ["Qwen3_5MoeForCausalLM"] and info["has_image_understanding"] is False
     for path in ("/get_server_info", "/server_info"):
         info = srv.get(path).json()
         assert isinstance(info["max_total_num_tokens"], int) and isinstance(info["version"], str)

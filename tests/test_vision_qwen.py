@@ -527,7 +527,8 @@ def test_server_text_prompt_and_openai_chat_image_url(vl_server) -> None:
     by_text = vl_server.post("/generate", {"text": text, "image_data": b64, "sampling_params": GEN,
                                            "return_logprob": True, "return_prompt_token_ids": True}).json()
     expanded = tok.encode(expand_text(text, [64], "<|image_pad|>"))
-    assert by_text["meta_info"].get("prompt_token_ids", expanded) == expanded
+    assert by_text["prompt_token_ids"] == expanded
+    assert vl_server.get("/model_info").json()["has_image_understanding"] is True  # as SGLang reports a VL model
     by_ids = vl_server.post("/generate", {"input_ids": tok.encode(text), "image_data": b64, "sampling_params": GEN,
                                           "return_logprob": True}).json()
     assert by_text["output_ids"] == by_ids["output_ids"]

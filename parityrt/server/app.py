@@ -381,7 +381,8 @@ def create_app(state: ServerState) -> FastAPI:
                 "is_generation": True,
                 "preferred_sampling_params": None, "weight_version": state.engine.weight_version, "load_format": "auto",
                 "reasoning_parser": None, "tool_call_parser": None, "disaggregation_mode": "null",
-                "has_image_understanding": False, "has_audio_understanding": False, "model_type": state.model_type,
+                "has_image_understanding": state.images is not None, "has_audio_understanding": False,
+                "model_type": state.model_type,
                 "architectures": state.architectures, "numerics_fingerprint": state.numerics_fingerprint}
 
     @app.get("/get_server_info")
