@@ -163,6 +163,8 @@ def test_text_prompt_expands_as_the_processor_and_chat_image_url(kimi_server) ->
     ({"input_ids": [1, IMAGE, 2, IMAGE], "image_data": ["x"]}, "2 image placeholders for 1 images"),
     ({"input_ids": [1, BEGIN, IMAGE, END], "image_data": 5}, "image_data items must be strings"),
     ({"input_ids": [[1, IMAGE], [2]], "image_data": ["x"]}, "one entry per prompt"),
+    ({"input_ids": [1, BEGIN, IMAGE, END]}, "holds 1 image placeholder token(s) (id 2050) but no image_data"),
+    ({"input_ids": [[1, 2], [IMAGE, IMAGE]]}, "prompt 1 holds 2 image placeholder token(s)"),
     ({"input_ids": [1, BEGIN, IMAGE, END], "image_data": "/nonexistent/file.png"}, "neither a readable local file nor valid base64"),
 ])
 def test_bad_images_get_a_clear_400(kimi_server, body, match) -> None:

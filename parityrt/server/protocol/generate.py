@@ -279,6 +279,8 @@ class ImagePrep(Protocol):
     """The served model's image path (e.g. parityrt/vision/qwen_processor.py QwenImagePrep): one prompt's ids and
     image sources -> its expanded ids and the engine's ImageInputs; raises ValueError (a 400) on a bad image."""
 
+    image_token_id: int
+
     def prepare(self, ids: list[int], sources: list) -> tuple[list[int], ImageInputs]: ...
 
 
@@ -342,6 +344,10 @@ def parse_generate(body: Any, tokenizer: Tokenizer, vocab_size: int, max_seq_len
     for i, srcs in enumerate(sources):
         if srcs:
             prompts[i], mm[i] = images.prepare(prompts[i], srcs)
+        elif images is not None and (k := prompts[i].count(images.image_token_id)):
+            # refused here: in the engine the step would fail (no embeddings to splice) and be re-run request by request
+            raise ValueError(f"The prompt{f' {i}' if is_batch else ''} holds {k} image placeholder token(s) "
+                             f"(id {images.image_token_id}) but no image_data.")
     sps = [parse_sampling(sp, vocab_size, limits) for sp in _per_prompt(body, "sampling_params", B, {})]
     n = sps[0].n
     if any(sp.n != n for sp in sps):
