@@ -6,7 +6,10 @@ with SGLang's own `sglang.test.test_deterministic` in modes single, prefix and p
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,6 +229,42 @@ def test_radix_tree() -> None:
     assert len(kv.free_pages) == kv.num_pages and tree.num_pages == 0 and tree.num_locked == 0
     with pytest.raises(ValueError, match="multiple of the page size"):
         RadixCache(kv, states, align=6, needs_state=True)
+
+
+REAL_TP = """
+import sys, torch
+from parityrt.config import EngineConfig, compose_run
+from parityrt.engine.engine import Engine
+from parityrt.generation import parse_records
+from parityrt.runtime import close_runtime, load_runtime
+from parityrt.server.protocol.response import generate_response
+rt = load_runtime(compose_run(["model=qwen3_5_moe_tiny", "parallel=tp2", f"model.cache_dir={sys.argv[1]}",
+                               "numerics=rl_parity"]))
+base = torch.randint(0, 2040, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+prompts = [base + [7, 8], base + [9], list(base)]
+def run(engine):
+    out = []
+    for i, p in enumerate(prompts):
+        body = {"input_ids": p, "return_logprob": True, "sampling_params": {"max_new_tokens": 4, "temperature": 0.8,
+                "ignore_eos": True, "sampling_seed": i}}
+        seq = engine.generate(parse_records(body, rt.tokenizer, 2048, 4096))[0]
+        meta = generate_response(engine.output(seq))["meta_info"]
+        out.append((seq.output_ids, meta["output_token_logprobs"], meta["cached_tokens"]))
+    return out
+cold = run(Engine(rt.model, rt.tokenizer, rt.eos_token_ids, EngineConfig(prefix_cache=False)))
+warm = run(Engine(rt.model, rt.tokenizer, rt.eos_token_ids, EngineConfig()))
+close_runtime(rt)
+assert [c for *_, c in warm] == [0, 96, 96], [c for *_, c in warm]
+assert [o[:2] for o in warm] == [o[:2] for o in cold], "a GDN snapshot hit over real TP changed the bits"
+"""
+
+
+def test_gdn_snapshot_hits_reach_every_real_tp_rank(cache_dir) -> None:
+    """The TP driver mirrors the batch's GDN state source slots: rank 1's GDN shard starts a hit from its own
+    snapshot (without them it would read its running slot and the bits would change)."""
+    proc = subprocess.run([sys.executable, "-c", REAL_TP, str(cache_dir)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # ---- over HTTP: SGLang's own determinism test against the server --------------------------------------------
