@@ -5,6 +5,7 @@ with SGLang's own `sglang.test.test_deterministic` in modes single, prefix and p
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -229,6 +230,27 @@ def test_radix_tree() -> None:
     assert len(kv.free_pages) == kv.num_pages and tree.num_pages == 0 and tree.num_locked == 0
     with pytest.raises(ValueError, match="multiple of the page size"):
         RadixCache(kv, states, align=6, needs_state=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["qwen3_5_moe_tiny", "kimi_k25_tiny"])
+def test_prefix_hits_with_cuda_graphs_under_rl_parity_gpu(cache_dir, name) -> None:
+    """On a GPU: the Triton kernels and CUDA-graph decode; a redirected step (a hit's first chunk, a snapshot step)
+    runs eagerly, the decodes after it replay graphs, and every bit is the uncached engine's."""
+    model, _ = build_model(tiny_model_config(name, cache_dir=str(cache_dir), device="cuda"))
+    bind(model, dataclasses.replace(load_preset("rl_parity_gpu"), shape_stable=False))  # graph steps are unpadded
+    base = _ids(150, 0)
+    prompts = [base + _ids(5 + 3 * i, 10 + i) for i in range(3)] + [list(base)]
+    reqs = lambda tag: [_request(f"{tag}{i}", p, i) for i, p in enumerate(prompts)]  # noqa: E731
+    cfg = dict(max_total_tokens=4096, max_seq_len=512, cuda_graph=True, cuda_graph_max_bs=4)
+    cold = Engine(model, TOK, model.args.eos_token_id, EngineConfig(prefix_cache=False, **cfg))
+    want = [_result(cold, s) for s in _one_by_one(cold, reqs("c"))]
+    warm = Engine(model, TOK, model.args.eos_token_id, EngineConfig(**cfg))
+    seqs = _one_by_one(warm, reqs("w"))
+    assert [_result(warm, s) for s in seqs] == want
+    assert [_meta(warm, s)["cached_tokens"] for s in seqs][1:] == [144, 144, 144]
+    again = warm.generate(reqs("a"))  # all at once: their decodes replay graphs together
+    assert [_result(warm, s) for s in again] == want and warm.graphs.graphs
 
 
 REAL_TP = """
