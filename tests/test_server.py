@@ -58,6 +58,10 @@ def test_logprobs_fields(srv) -> None:
     assert len(out) == 3 == meta["output_token_logprobs_length"] and all(isinstance(e[2], str) for e in out)
     assert meta["input_top_logprobs"][0] is None and len(meta["output_top_logprobs"][0]) == 2
     assert [e[1] for e in meta["output_token_ids_logprobs"][0]] == [1, 2]
+    # the input rows' parts (computed in blocks of rows): tops sorted and the token's own logprob among its row's
+    assert all(len(t) == 2 and t[0][0] >= t[1][0] for t in meta["input_top_logprobs"][1:])
+    assert all([e[1] for e in t] == [1, 2] for t in meta["input_token_ids_logprobs"][1:])
+    assert all(e[0] <= t[0][0] for e, t in zip(inp[1:], meta["input_top_logprobs"][1:]))
     # temperature 0: the sampled token is a top-1 (bf16 logits tie often; argmax takes the lowest id)
     assert all(top[0][0] == e[0] for top, e in zip(meta["output_top_logprobs"], out))
 

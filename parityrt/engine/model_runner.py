@@ -142,7 +142,7 @@ class ModelRunner:
                 rows_NV = logits[torch.tensor([owners[start + p - seq.num_computed] for p in block], device=logits.device)]
                 lp_NV = self.model.logprobs(rows_NV, seq.req.sampling.temperature)
                 targets = torch.tensor([seq.all_ids[p + 1] for p in block], device=lp_NV.device)
-                for p, entry in zip(block, self._lp_entries(lp_NV, lp_NV.gather(1, targets[:, None])[:, 0], seq)):
+                for p, entry in zip(block, self._lp_entries(lp_NV, lp_NV.gather(1, targets[:, None])[:, 0].tolist(), seq)):
                     res.input_lp[p + 1] = entry
             for layer_ids in routes:
                 for r in range(n):
@@ -159,19 +159,19 @@ class ModelRunner:
             for temp in dict.fromkeys(temps):
                 idx = [i for i, t in enumerate(temps) if t == temp]
                 lp_BV = self.model.logprobs(rows_BV[idx], temp)
-                chosen_B = lp_BV.gather(1, tokens_B[idx, None])[:, 0]
+                chosen = lp_BV.gather(1, tokens_B[idx, None])[:, 0].tolist()  # one copy for the whole group
                 for j, i in enumerate(idx):
                     seq, _, res = samplers[i]
-                    res.token_lp = self._lp_entries(lp_BV[j : j + 1], chosen_B[j : j + 1], seq)[0]
+                    res.token_lp = self._lp_entries(lp_BV[j : j + 1], chosen[j : j + 1], seq)[0]
             for (_, _, res), token in zip(samplers, tokens_B.tolist()):
                 res.token = token
         return results
 
     @staticmethod
-    def _lp_entries(lp_NV: torch.Tensor, token_lp_N: torch.Tensor, seq: Sequence
+    def _lp_entries(lp_NV: torch.Tensor, token_lps: list[float], seq: Sequence
                     ) -> list[tuple[float, TopList | None, TopList | None]]:
-        """(logprob, top logprobs, token_ids logprobs) of N rows of one sequence: each asked-for part one batched op
-        and one copy to the host."""
+        """(logprob, top logprobs, token_ids logprobs) of N rows of one sequence, token_lps already on the host:
+        each other asked-for part one batched op and one copy to the host."""
         n = lp_NV.shape[0]
         tops: list[TopList | None] = [None] * n
         if seq.req.top_logprobs_num:
@@ -181,7 +181,7 @@ class ModelRunner:
         if (want := seq.req.token_ids_logprob) is not None:
             values = lp_NV[:, torch.tensor(want, dtype=torch.long, device=lp_NV.device)].tolist() if want else [[]] * n
             chosen = [list(zip(v, want)) for v in values]
-        return list(zip(token_lp_N.tolist(), tops, chosen))
+        return list(zip(token_lps, tops, chosen))
 
     @contextmanager
     def _capture_routes(self, on: bool) -> Iterator[list[torch.Tensor]]:
