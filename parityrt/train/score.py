@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parityrt.config import RunConfig
-from parityrt.fingerprint import FILE_NAME, diff_fingerprints, read_fingerprint
+from parityrt.fingerprint import FILE_NAME, FingerprintMismatch, check_fingerprint, read_fingerprint
 from parityrt.server.protocol.generate import parse_sampling
 from parityrt.train.model import Sample, TrainModel, micro_batches
 
@@ -80,9 +80,10 @@ def check_contract(ours: dict[str, Any], expected: list[tuple[str, Any]]) -> Non
                 raise RecordError(f"{where}: numerics fingerprint {theirs} is not the trainer's {ours['hash']} "
                                   f"(numerics {ours['name']!r}): its logprobs came from another numerics contract")
         elif isinstance(theirs, dict):
-            if diff := diff_fingerprints(ours, theirs):
-                raise RecordError(f"{where}: the rollouts' numerics contract is not the trainer's in {len(diff)} "
-                                  "place(s) (trainer != rollouts):\n  " + "\n  ".join(diff))
+            try:
+                check_fingerprint(ours, theirs, what="the rollouts")
+            except FingerprintMismatch as e:
+                raise RecordError(f"{where}: {e}") from None
         else:
             raise RecordError(f"{where}: numerics_fingerprint must be a fingerprint object or its hash string, "
                               f"got {type(theirs).__name__}")
