@@ -159,7 +159,7 @@ class Scheduler:
             return 0
         if req.return_logprob and req.logprob_start_len >= 0:
             limit = min(limit, max(req.logprob_start_len - 1, 0))  # row p scores token p + 1
-        return min(limit, _before_images(seq))
+        return limit
 
     def _snapshot_slot(self, seq: Sequence, n: int) -> None:
         """A chunk that ends at the sequence's snapshot point writes its GDN state into a snapshot slot; with
@@ -196,11 +196,9 @@ class Scheduler:
             self._insert(seq, seq.num_computed)
 
     def _insert(self, seq: Sequence, tokens: int, state: int | None = None) -> None:
-        if tokens > _before_images(seq):  # the tree is keyed by ids: an image's placeholder ids are not its pixels
+        if tokens > _shareable(seq):  # the tree is keyed by ids: an image's placeholder ids are not its pixels
             return
         cache = seq.cache
-        if tokens > _shareable(seq):
-            tokens, state = _shareable(seq), None  # a state after the cut is not the state at it
         pages = tokens // self.prefix.align * self.prefix.align // self.kv.page_size
         if state is not None and pages * self.kv.page_size != tokens:
             state = None
@@ -243,15 +241,6 @@ class Scheduler:
         """Empty the prefix cache while requests may run (their own pages stay theirs)."""
         if self.prefix is not None:
             self.prefix.invalidate()
-
-
-def _before_images(seq: Sequence) -> int:
-    """The tokens before the sequence's first image token (all of them without images): only these may be shared
-    through the prefix cache, whose key (the token ids) does not see the images."""
-    images = seq.req.images
-    if images is None:
-        return len(seq.all_ids)
-    return seq.req.input_ids.index(images.image_token_id)
 
 
 def _space(seq: Sequence) -> str | None:
